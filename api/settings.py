@@ -1,0 +1,120 @@
+"""One Settings object for the API, the worker, the CLI and migrations/env.py.
+
+Every field reads the environment variable ``STYLEINJECT_<FIELD>`` (e.g. ``STYLEINJECT_DATABASE_URL``).
+Unset locations derive from ``home`` so the embedded default needs no configuration at all:
+
+    home/styleinject.db   database        home/broker.db   Celery broker (kombu SQLAlchemy transport)
+    home/results.db       Celery results  home/artifacts/  datasets, adapters, checkpoints, images
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "STYLEINJECT_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    home: Path = Path("~/.styleinject")
+    database_url: str | None = None
+    broker_url: str | None = None
+    result_backend: str | None = None
+    # Prefix for every Redis key the broker writes (kombu ``global_keyprefix``), so several
+    # deployments (or test runs) can share one Redis.
+    broker_key_prefix: str = ""
+    artifact_root: Path | None = None
+    base_model: str | None = None
+    bootstrap_key: SecretStr | None = None
+
+    # Limits.
+    max_upload_bytes: int = 2 * 1024**3
+    max_image_size: int = 1024
+    max_num_images: int = 4
+    max_inference_steps: int = 150
+    max_train_steps: int = 100_000
+
+    # Timeouts (seconds).
+    generate_timeout_s: float = 300.0
+    dataset_validation_timeout_s: float = 120.0
+    job_soft_time_limit_s: int = 48 * 3600
+    job_time_limit_s: int = 48 * 3600 + 600
+    generate_time_limit_s: int = 900
+    lease_ttl_s: int = 120
+    progress_interval_s: float = 1.0
+    max_attempts: int = 3
+
+    def model_post_init(self, __context: object) -> None:
+        self.home = Path(self.home).expanduser().resolve()
+        if self.artifact_root is None:
+            self.artifact_root = self.home / "artifacts"
+        self.artifact_root = Path(self.artifact_root).expanduser().resolve()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.home / 'styleinject.db'}"
+        if self.broker_url is None:
+            self.broker_url = f"sqla+sqlite:///{self.home / 'broker.db'}"
+        if self.result_backend is None:
+            if self.broker_url.startswith(("redis://", "rediss://")):
+                self.result_backend = self.broker_url
+            else:
+                self.result_backend = f"db+sqlite:///{self.home / 'results.db'}"
+
+    # Longer than the longest job, so Redis never re-delivers a task that is still running.
+    @property
+    def visibility_timeout_s(self) -> int:
+        return self.job_time_limit_s + 3600
+
+    @property
+    def embedded(self) -> bool:
+        return not self.broker_url.startswith(("redis://", "rediss://", "amqp://", "amqps://"))
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.artifact_root / "uploads"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.artifact_root / "datasets"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.artifact_root / "jobs"
+
+    @property
+    def generations_dir(self) -> Path:
+        return self.artifact_root / "generations"
+
+    @property
+    def demo_model_dir(self) -> Path:
+        return self.home / "models" / "demo"
+
+    def resolved_base_model(self) -> str:
+        return self.base_model or str(self.demo_model_dir)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes a child process (worker, alembic) see these settings."""
+        env: dict[str, str] = {}
+        for name in Settings.model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[ENV_PREFIX + name.upper()] = str(value)
+        return env
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"

@@ -1,0 +1,110 @@
+"""Load a diffusers Stable Diffusion pipeline and generate with Euler Ancestral sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from styleinject.adapters import list_adapters, set_adapter, set_adapter_scale
+from styleinject.adapters.bank import AdapterBank
+
+MAX_SIDE = 2048
+
+
+def load_pipeline(base_model: str | Path, device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None):
+    """A ``StableDiffusionPipeline`` from a hub id or local folder, with an Euler Ancestral scheduler.
+
+    ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA, float32 on CPU.
+    """
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    local = Path(str(base_model)).expanduser()
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise FileNotFoundError(f"{local} is not a diffusers pipeline folder (no model_index.json); "
+                                "pass a folder saved with save_pretrained or a hub id")
+    source = str(local) if local.exists() else str(base_model)
+    pipe = StableDiffusionPipeline.from_pretrained(source, **_dtype_kwarg(dtype), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.to(device)
+    pipe.unet.eval()
+    return pipe
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    # diffusers renamed torch_dtype to dtype (0.36+) and warns on the old name
+    import diffusers.utils.deprecation_utils as deprecation
+
+    return {"dtype": dtype} if hasattr(deprecation, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
+def adapter_bank(pipe) -> AdapterBank:
+    """The pipeline's bank of resident adapters (created on first use)."""
+    bank = getattr(pipe, "_styleinject_bank", None)
+    if bank is None:
+        bank = AdapterBank(pipe.unet)
+        pipe._styleinject_bank = bank
+    return bank
+
+
+def generate(pipe, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
+             seed: int = 0, steps: int = 30, guidance_scale: float = 7.5, width: int = 512,
+             height: int = 512, num_images: int = 1, adapter: str | Path | None = None,
+             adapter_scale: float = 1.0,
+             progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+    """Generate ``num_images`` images per prompt with Euler Ancestral sampling.
+
+    ``adapter`` is a saved adapter folder or the name of an adapter already loaded into
+    ``pipe.unet``; ``None`` runs the base model, giving exactly diffusers' image for the same seed.
+    ``progress(step, total)`` is called after every denoising step.
+    """
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    _check_size(width, height, pipe.vae_scale_factor)
+    if steps < 1 or num_images < 1:
+        raise ValueError(f"steps and num_images must be >= 1 (got {steps}, {num_images})")
+    if not isinstance(pipe.scheduler, EulerAncestralDiscreteScheduler):
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+
+    def on_step_end(_pipe, step, _timestep, kwargs):
+        if progress is not None:
+            progress(step + 1, steps)
+        return kwargs
+
+    bank = adapter_bank(pipe)
+    with bank.lock:
+        if adapter is not None and str(adapter) in list_adapters(pipe.unet):
+            set_adapter(pipe.unet, str(adapter))
+            set_adapter_scale(pipe.unet, str(adapter), adapter_scale)
+            context = nullcontext()
+        else:
+            if adapter is not None and not Path(adapter).is_dir():
+                raise FileNotFoundError(
+                    f"adapter {adapter!r} is neither a loaded adapter ({list_adapters(pipe.unet)}) "
+                    "nor an adapter folder")
+            context = bank.use(adapter, adapter_scale)
+        with context:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
+                          guidance_scale=guidance_scale, width=width, height=height,
+                          num_images_per_prompt=num_images, generator=generator,
+                          callback_on_step_end=on_step_end)
+    return result.images
+
+
+def _check_size(width: int, height: int, vae_scale_factor: int) -> None:
+    multiple = 8 if vae_scale_factor <= 8 else vae_scale_factor
+    for side, value in (("width", width), ("height", height)):
+        if value % multiple or not multiple <= value <= MAX_SIDE:
+            raise ValueError(f"{side}={value}: must be a multiple of {multiple} between {multiple} "
+                             f"and {MAX_SIDE}")
