@@ -44,8 +44,8 @@ class StyleInjectConfig:
             self.alpha = float(self.rank)
         if self.conv_rank is None:
             self.conv_rank = self.rank
-        if self.conv_alpha is None:
-            self.conv_alpha = float(self.conv_rank)
+        if self.conv_alpha is None:  # like PEFT's one lora_alpha for every rank
+            self.conv_alpha = self.alpha
         self.alpha = float(self.alpha)
         self.conv_alpha = float(self.conv_alpha)
         for name in ("target_modules", "style_modules", "conv_target_modules"):

@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_path(tmp_path_factory):
+    """A tiny random Stable Diffusion pipeline saved in diffusers format (once per session)."""
+    from styleinject.testing import tiny_pipeline
+
+    return tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe")
+
+
+@pytest.fixture
+def tiny_unet():
+    from styleinject.testing import tiny_components
+
+    return tiny_components()["unet"].eval()
+
+
+@pytest.fixture
+def unet_inputs():
+    torch.manual_seed(1)
+    return {"sample": torch.randn(2, 4, 32, 32), "timestep": torch.tensor([10, 500]),
+            "encoder_hidden_states": torch.randn(2, 7, 32)}

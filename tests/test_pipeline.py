@@ -1,0 +1,106 @@
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from styleinject import StyleInjectConfig, adapter_parameters, disable_adapters, inject, save_adapter
+from styleinject.pipeline import adapter_bank, generate, load_pipeline
+
+KW = dict(steps=2, width=64, height=64, guidance_scale=7.5)
+
+
+def _px(images):
+    return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+
+
+@pytest.fixture
+def pipe(tiny_pipeline_path):
+    return load_pipeline(tiny_pipeline_path, device="cpu")
+
+
+def _adapter(path, tmp_path, name, seed):
+    """A saved adapter with random non-zero weights on the tiny UNet."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    inject(unet, StyleInjectConfig(rank=4, num_styles=2))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(unet):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return save_adapter(unet, tmp_path / name)
+
+
+def test_no_adapter_equals_diffusers_euler_ancestral(pipe, tiny_pipeline_path):
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    ref = StableDiffusionPipeline.from_pretrained(str(tiny_pipeline_path), safety_checker=None)
+    ref.scheduler = EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    want = ref("a red square", negative_prompt="blurry", num_inference_steps=3, width=64, height=64,
+               guidance_scale=7.5, num_images_per_prompt=2, generator=torch.Generator().manual_seed(42)).images
+    got = generate(pipe, "a red square", negative_prompt="blurry", seed=42, steps=3, width=64, height=64,
+                   num_images=2)
+    assert len(got) == 2 and got[0].size == (64, 64)
+    assert np.array_equal(_px(got), _px(want))
+    other_seed = generate(pipe, "a red square", negative_prompt="blurry", seed=43, steps=3, width=64,
+                          height=64, num_images=2)
+    assert not np.array_equal(_px(other_seed), _px(want))
+
+
+def test_adapter_changes_image_and_disable_restores_it(pipe, tiny_pipeline_path, tmp_path):
+    base = _px(generate(pipe, "a cat", **KW))
+    folder = _adapter(tiny_pipeline_path, tmp_path, "ad", seed=0)
+    styled = _px(generate(pipe, "a cat", adapter=folder, **KW))
+    assert np.abs(styled - base).max() > 10
+    assert np.array_equal(_px(generate(pipe, "a cat", **KW)), base)
+    # by name, then globally disabled
+    slot = adapter_bank(pipe).activate(folder)
+    assert np.array_equal(_px(generate(pipe, "a cat", adapter=slot, **KW)), styled)
+    disable_adapters(pipe.unet)
+    assert np.array_equal(_px(generate(pipe, "a cat", **KW)), base)
+    half = _px(generate(pipe, "a cat", adapter=folder, adapter_scale=0.0, **KW))
+    assert np.array_equal(half, base)
+
+
+def test_bank_swaps_in_place_and_caches(pipe, tiny_pipeline_path, tmp_path):
+    one = _adapter(tiny_pipeline_path, tmp_path, "one", seed=1)
+    two = _adapter(tiny_pipeline_path, tmp_path, "two", seed=2)
+    bank = adapter_bank(pipe)
+    img_one = _px(generate(pipe, "a dog", adapter=one, **KW))
+    ptrs = [p.data_ptr() for p in pipe.unet.parameters()]
+    img_two = _px(generate(pipe, "a dog", adapter=two, **KW))
+    assert [p.data_ptr() for p in pipe.unet.parameters()] == ptrs  # no module rebuilt
+    assert not np.array_equal(img_one, img_two)
+    assert np.array_equal(_px(generate(pipe, "a dog", adapter=one, **KW)), img_one)
+    assert bank.loads == 2  # the third call came from host memory
+
+
+def test_concurrent_requests_never_mix_adapters(pipe, tiny_pipeline_path, tmp_path):
+    folders = [_adapter(tiny_pipeline_path, tmp_path, f"a{i}", seed=10 + i) for i in range(2)]
+    solo = [_px(generate(pipe, "a tree", adapter=f, **KW)) for f in folders]
+    results = {}
+
+    def worker(i, k):
+        results[(i, k)] = _px(generate(pipe, "a tree", adapter=folders[i], **KW))
+
+    threads = [threading.Thread(target=worker, args=(i, k)) for k in range(3) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (i, _), img in results.items():
+        assert np.array_equal(img, solo[i])
+
+
+def test_bad_arguments(pipe):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        generate(pipe, "x", width=60, height=64, steps=1)
+    with pytest.raises(FileNotFoundError, match="neither a loaded adapter"):
+        generate(pipe, "x", adapter="/no/such/adapter", steps=1, width=64, height=64)
+
+
+def test_load_pipeline_rejects_non_pipeline_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        load_pipeline(tmp_path)
