@@ -139,3 +139,15 @@ def test_config_json_roundtrip(tmp_path):
     text = (tmp_path / "adapter_config.json").read_text()
     assert '"adapter_type": "styleinject"' in text
     assert StyleInjectConfig.load(tmp_path) == cfg
+
+
+def test_expected_shapes_count_what_inject_creates(tiny_unet):
+    """bench/param_counts.py counts with expected_state_shapes; it must agree with real injection."""
+    import math
+
+    from styleinject.adapters.inject import expected_state_shapes
+
+    cfg = StyleInjectConfig(rank=4, num_styles=3, conv_target_modules=["conv1"], style_modules=["to_q", "conv1"])
+    planned = sum(math.prod(s) for s in expected_state_shapes(tiny_unet, cfg).values())
+    inject(tiny_unet, cfg)
+    assert count_parameters(tiny_unet) == planned

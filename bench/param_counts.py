@@ -1,0 +1,58 @@
+"""Adapter parameter counts on an SD 1.5-shaped UNet (built from its config, no weights downloaded).
+
+    python bench/param_counts.py            # prints the markdown table used in docs/adapters.md
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from styleinject import StyleInjectConfig
+from styleinject.adapters.inject import expected_state_shapes
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+
+ROWS = [
+    ("LoRA r=32 (to_q, to_v)", StyleInjectConfig.lora(rank=32)),
+    ("LoRA r=128 (to_q, to_v)", StyleInjectConfig.lora(rank=128)),
+    ("LoRA r=512 (to_q, to_v)", StyleInjectConfig.lora(rank=512)),
+    ("LoRA r=32 (to_q, to_k, to_v, to_out.0)", StyleInjectConfig.lora(rank=32, target_modules=["to_q", "to_k", "to_v", "to_out.0"])),
+    ("StyleInject n=1, r=32 (STA only)", StyleInjectConfig(rank=32, num_styles=1)),
+    ("StyleInject n=4, r=32", StyleInjectConfig(rank=32, num_styles=4)),
+    ("StyleInject n=16, r=32 (paper default)", StyleInjectConfig(rank=32, num_styles=16)),
+    ("StyleInject n=16, r=32 + resnet convs (distillation)",
+     StyleInjectConfig(rank=32, num_styles=16, conv_target_modules=["conv1", "conv2"],
+                       style_modules=["to_q", "conv1", "conv2"])),
+]
+
+
+def sd15_unet():
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**SD15_UNET)
+
+
+def count(unet, cfg: StyleInjectConfig) -> int:
+    return sum(math.prod(shape) for shape in expected_state_shapes(unet, cfg).values())
+
+
+def main() -> None:
+    unet = sd15_unet()
+    base = sum(p.numel() for p in unet.parameters())
+    print(f"SD 1.5 UNet: {base / 1e6:.1f} M parameters\n")
+    print("| adapter | parameters | % of UNet |")
+    print("|---|---:|---:|")
+    for label, cfg in ROWS:
+        n = count(unet, cfg)
+        print(f"| {label} | {n / 1e6:.2f} M | {100 * n / base:.2f} % |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""`styleinject` command line: generate, train (finetune/distill/dreambooth), eval, serve, worker."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+# Modules that add their own sub-commands; each imports only argparse at module level so that
+# `styleinject --help` stays fast and works without the optional extras installed.
+_COMMAND_MODULES = ("styleinject.train.cli", "styleinject.eval.cli", "api.cli")
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2, no traceback."""
+
+
+def add_generate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="generate images with Euler Ancestral sampling, optionally with an adapter",
+        description="Generate images from a Stable Diffusion pipeline (hub id or local folder) with "
+                    "Euler Ancestral sampling. Without --adapter the image equals diffusers' own.")
+    p.add_argument("--base-model", default=os.environ.get("STYLEINJECT_BASE_MODEL"),
+                   help="diffusers pipeline: hub id or local folder (default: $STYLEINJECT_BASE_MODEL)")
+    p.add_argument("--adapter", help="adapter folder written by training or save_adapter")
+    p.add_argument("--adapter-scale", type=float, default=1.0,
+                   help="multiplies the adapter's effect; 0 = base model (default: 1.0)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seed", type=int, default=0, help="default: 0")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="default: 7.5")
+    p.add_argument("--width", type=int, default=512, help="multiple of 8 (default: 512)")
+    p.add_argument("--height", type=int, default=512, help="multiple of 8 (default: 512)")
+    p.add_argument("--num-images", type=int, default=1, help="default: 1")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--output", required=True, type=Path,
+                   help="PNG file; with --num-images > 1 files are named NAME-0.png, NAME-1.png, ...")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from styleinject.pipeline import generate, load_pipeline
+
+    if not args.base_model:
+        raise UserError("--base-model is required (or set STYLEINJECT_BASE_MODEL)")
+    if args.output.suffix.lower() != ".png":
+        raise UserError(f"--output {args.output}: give a .png file name")
+    if args.adapter and not Path(args.adapter).is_dir():
+        raise UserError(f"--adapter {args.adapter}: no such folder; pass a folder holding "
+                        "adapter_config.json and adapter_model.safetensors")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    pipe = load_pipeline(args.base_model, device=args.device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    with tqdm(total=args.steps, desc="denoising", unit="step") as bar:
+        images = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                          steps=args.steps, guidance_scale=args.guidance_scale, width=args.width,
+                          height=args.height, num_images=args.num_images, adapter=args.adapter,
+                          adapter_scale=args.adapter_scale,
+                          progress=lambda step, total: bar.update(1))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    if len(images) == 1:
+        paths = [args.output]
+    else:
+        paths = [args.output.with_name(f"{args.output.stem}-{i}.png") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+        print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from styleinject import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="styleinject",
+        description="Train and serve StyleInject adapters for Stable Diffusion UNets.")
+    parser.add_argument("--version", action="version", version=f"styleinject {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_generate(subparsers)
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue  # that part is not installed in this copy
+            raise
+        module.add_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    from styleinject.adapters import AdapterLoadError
+
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, AdapterLoadError, FileNotFoundError, ValueError) as exc:
+        print(f"styleinject {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"styleinject {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
