@@ -104,3 +104,16 @@ def test_bad_arguments(pipe):
 def test_load_pipeline_rejects_non_pipeline_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_pipeline(tmp_path)
+
+
+def test_tiny_pipeline_is_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    from styleinject.testing import tiny_pipeline
+
+    a, b = tiny_pipeline(tmp_path / "a"), tiny_pipeline(tmp_path / "b")
+    for part in ("unet", "vae", "text_encoder"):
+        fa = load_file(str(next((a / part).glob("*.safetensors"))))
+        fb = load_file(str(next((b / part).glob("*.safetensors"))))
+        assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+    assert (a / "tokenizer" / "tokenizer.json").read_text() == (b / "tokenizer" / "tokenizer.json").read_text()
