@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from styleinject.adapters import list_adapters, set_adapter, set_adapter_scale
+from styleinject.adapters import list_adapters, mixed_adapters, set_adapter, set_adapter_scale
 from styleinject.adapters.bank import AdapterBank
 
 MAX_SIDE = 2048
@@ -59,13 +59,16 @@ def adapter_bank(pipe) -> AdapterBank:
 
 def generate(pipe, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
              seed: int = 0, steps: int = 30, guidance_scale: float = 7.5, width: int = 512,
-             height: int = 512, num_images: int = 1, adapter: str | Path | None = None,
-             adapter_scale: float = 1.0,
+             height: int = 512, num_images: int = 1,
+             adapter: str | Path | list[str | Path | None] | None = None,
+             adapter_scale: float | list[float] = 1.0,
              progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
     """Generate ``num_images`` images per prompt with Euler Ancestral sampling.
 
     ``adapter`` is a saved adapter folder or the name of an adapter already loaded into
     ``pipe.unet``; ``None`` runs the base model, giving exactly diffusers' image for the same seed.
+    A list of folders (``None`` entries allowed), one per prompt, runs a mixed batch: each prompt
+    with its own adapter (and ``adapter_scale`` may then be a list too).
     ``progress(step, total)`` is called after every denoising step.
     """
     from diffusers import EulerAncestralDiscreteScheduler
@@ -83,15 +86,14 @@ def generate(pipe, prompt: str | list[str], *, negative_prompt: str | list[str] 
 
     bank = adapter_bank(pipe)
     with bank.lock:
-        if adapter is not None and str(adapter) in list_adapters(pipe.unet):
+        if isinstance(adapter, (list, tuple)):
+            context = _mixed_batch(pipe, bank, prompt, adapter, adapter_scale, num_images)
+        elif adapter is not None and str(adapter) in list_adapters(pipe.unet):
             set_adapter(pipe.unet, str(adapter))
             set_adapter_scale(pipe.unet, str(adapter), adapter_scale)
             context = nullcontext()
         else:
-            if adapter is not None and not Path(adapter).is_dir():
-                raise FileNotFoundError(
-                    f"adapter {adapter!r} is neither a loaded adapter ({list_adapters(pipe.unet)}) "
-                    "nor an adapter folder")
+            _check_adapter_folder(pipe, adapter)
             context = bank.use(adapter, adapter_scale)
         with context:
             generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -100,6 +102,26 @@ def generate(pipe, prompt: str | list[str], *, negative_prompt: str | list[str] 
                           num_images_per_prompt=num_images, generator=generator,
                           callback_on_step_end=on_step_end)
     return result.images
+
+
+def _check_adapter_folder(pipe, adapter) -> None:
+    if adapter is not None and not Path(adapter).is_dir():
+        raise FileNotFoundError(f"adapter {adapter!r} is neither a loaded adapter "
+                                f"({list_adapters(pipe.unet)}) nor an adapter folder")
+
+
+def _mixed_batch(pipe, bank: AdapterBank, prompt, adapters, adapter_scale, num_images):
+    """One adapter (folder or None) per prompt, all in one batch."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if len(adapters) != len(prompts):
+        raise ValueError(f"{len(adapters)} adapters for {len(prompts)} prompts: give one per prompt "
+                         "(None for the base model)")
+    scales = adapter_scale if isinstance(adapter_scale, (list, tuple)) else [adapter_scale] * len(prompts)
+    for folder in adapters:
+        _check_adapter_folder(pipe, folder)
+    slots = bank.activate_many(list(adapters), list(scales))
+    # diffusers repeats each prompt num_images times in place, then stacks [uncond, cond] for CFG
+    return mixed_adapters(pipe.unet, [slot for slot in slots for _ in range(num_images)])
 
 
 def _check_size(width: int, height: int, vae_scale_factor: int) -> None:

@@ -18,7 +18,12 @@ import torch
 from torch import nn
 
 from styleinject.adapters.config import StyleInjectConfig
-from styleinject.adapters.inject import disable_adapters, expected_state_shapes, set_adapter_scale
+from styleinject.adapters.inject import (
+    disable_adapters,
+    expected_state_shapes,
+    set_adapter,
+    set_adapter_scale,
+)
 from styleinject.adapters.io import WEIGHTS_NAME, load_adapter_tensors, read_adapter
 
 
@@ -28,7 +33,7 @@ class AdapterBank:
         self.max_bytes = max_bytes
         self.lock = threading.RLock()
         self._cache: OrderedDict[str, tuple[StyleInjectConfig, dict[str, torch.Tensor], int]] = OrderedDict()
-        self._slots: dict[str, str] = {}  # shape signature -> adapter name in the model
+        self._slots: dict[str, list[str]] = {}  # shape signature -> adapter names in the model
         self.loads = 0  # reads from disk, for tests and metrics
 
     @property
@@ -56,14 +61,35 @@ class AdapterBank:
 
     def activate(self, directory: str | Path, scale: float = 1.0) -> str:
         """Swap the adapter in ``directory`` into its slot and make it active; returns the slot name."""
-        cfg, tensors = self.fetch(directory)
         with self.lock:
-            shapes = sorted(expected_state_shapes(self.model, cfg).items())
-            signature = hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
-            slot = self._slots.setdefault(signature, f"slot_{len(self._slots)}")
-            load_adapter_tensors(self.model, cfg, tensors, slot, source=str(directory))
-            set_adapter_scale(self.model, slot, scale)
+            slot = self.activate_many([directory], [scale])[0]
+            set_adapter(self.model, slot)
             return slot
+
+    def activate_many(self, directories: list[str | Path | None], scales: list[float]) -> list[str | None]:
+        """Put each distinct adapter in its own slot (for a mixed batch); returns slot names."""
+        with self.lock:
+            used: dict[tuple[str, float], str] = {}
+            names: list[str | None] = []
+            for directory, scale in zip(directories, scales, strict=True):
+                if directory is None:
+                    names.append(None)
+                    continue
+                key = (str(Path(directory).resolve()), float(scale))
+                if key not in used:
+                    cfg, tensors = self.fetch(directory)
+                    shapes = sorted(expected_state_shapes(self.model, cfg).items())
+                    signature = hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
+                    slots = self._slots.setdefault(signature, [])
+                    free = [s for s in slots if s not in used.values()]
+                    if not free:
+                        slots.append(f"slot_{sum(len(v) for v in self._slots.values())}")
+                        free = slots[-1:]
+                    load_adapter_tensors(self.model, cfg, tensors, free[0], source=str(directory))
+                    set_adapter_scale(self.model, free[0], scale)
+                    used[key] = free[0]
+                names.append(used[key])
+            return names
 
     @contextmanager
     def use(self, directory: str | Path | None, scale: float = 1.0):

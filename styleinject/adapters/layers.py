@@ -77,6 +77,8 @@ class StyleInjectLayer(nn.Module):
         self.si_options: dict[str, dict] = {}
         self.active_adapter: str | None = None
         self.adapters_enabled = True
+        # per-sample adapter names for a mixed batch (see inject.mixed_adapters); None = use active
+        self.batch_adapters: list[str | None] | None = None
 
     # diffusers code sometimes reads these off the projection it calls
     @property
@@ -123,9 +125,26 @@ class StyleInjectLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         h = self.base_layer(x, *args, **kwargs)
-        name = self.active_adapter
-        if name is None or not self.adapters_enabled:
+        if self.batch_adapters is not None:  # names adapters explicitly, so ignores disable_adapters
+            return self._mixed(x, h)
+        if self.active_adapter is None or not self.adapters_enabled:
             return h
+        return h + self._delta(self.active_adapter, x, h)
+
+    def _mixed(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Each sample with its own adapter; the per-sample list repeats to fill the batch (CFG)."""
+        names = self.batch_adapters
+        if x.shape[0] % len(names):
+            raise ValueError(f"batch of {x.shape[0]} is not a multiple of the {len(names)} per-sample adapters")
+        names = names * (x.shape[0] // len(names))
+        out = h.clone()
+        for name in dict.fromkeys(n for n in names if n in self.si_options):
+            index = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            out[index] = h[index] + self._delta(name, x[index], h[index])
+        return out
+
+    def _delta(self, name: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to the frozen output ``h``."""
         opts = self.si_options[name]
         s = self._route(name, x)
         xd = F.dropout(x, opts["dropout"], self.training) if opts["dropout"] else x
@@ -134,7 +153,7 @@ class StyleInjectLayer(nn.Module):
             delta = delta + self._sta(name, h, s)
         if opts["user_scale"] != 1.0:
             delta = delta * opts["user_scale"]
-        return h + delta
+        return delta
 
     def _route(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         """Style weights s (B, n); None when n = 1 (s = [1] for every sample)."""
