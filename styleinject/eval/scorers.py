@@ -71,10 +71,16 @@ def load_image_processor(path: str):
     return AutoImageProcessor.from_pretrained(path, **kwargs)
 
 
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """The error's message on one line, shortened: library messages can span many lines."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _describe_missing(what: str, path: str, flag: str, error: Exception) -> ScorerLoadError:
     where = "local folder" if Path(path).exists() else "hub id or local folder"
     return ScorerLoadError(
-        f"could not load the {what} from {path!r} ({where}): {type(error).__name__}: {error}. "
+        f"could not load the {what} from {path!r} ({where}): {type(error).__name__}: {one_line(error)}. "
         f"Pass {flag} with a local folder holding config.json, the weights, the tokenizer files and "
         f"preprocessor_config.json (on a machine with network: `hf download <hub id> --local-dir DIR`)."
     )
@@ -173,6 +179,7 @@ class _CLIPScorerBase(Scorer):
     def _max_length(self) -> int:
         return int(self.model.config.text_config.max_position_embeddings)  # 77 for every CLIP
 
+    @torch.no_grad()
     def cosine(self, images: list, prompts: list[str]) -> torch.Tensor:
         """Cosine similarity of each image with its own prompt (text taken as given)."""
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
