@@ -32,7 +32,7 @@ import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -669,3 +669,29 @@ class EpochSampler:
         if state["num_items"] != self.num_items or state["seed"] != self.seed:
             raise ValueError("data-order state belongs to a different dataset or seed")
         self.epoch, self.pos, self._order = int(state["epoch"]), int(state["pos"]), None
+
+
+class ImageTextDataset:
+    """Items -> ``{"pixel_values", "text", "teacher_text"}``; augmentation is drawn from the
+    per-sample seed the :class:`EpochSampler` hands out, so it is part of the resumable order."""
+
+    def __init__(self, items: list[Item], resolution: int, *, center_crop: bool = True,
+                 random_flip: bool = False):
+        if any(it.image is None for it in items):
+            raise DatasetError("this training kind needs images; the dataset holds prompts only")
+        self.items, self.resolution = items, resolution
+        self.center_crop, self.random_flip = center_crop, random_flip
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def image(self, index: int, aug_seed: int) -> np.ndarray:
+        rng = random.Random(aug_seed)
+        flip = self.random_flip and rng.random() < 0.5
+        return preprocess_image(self.items[index].image, self.resolution, center_crop=self.center_crop,
+                                flip=flip, rng=rng)
+
+    def get(self, index: int, aug_seed: int) -> dict:
+        item = self.items[index]
+        return {"pixel_values": self.image(index, aug_seed), "text": item.text,
+                "teacher_text": item.teacher_text}
