@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from styleinject import StyleInjectConfig, adapter_parameters, disable_adapters, inject, save_adapter
+from styleinject.adapters import active_adapter
 from styleinject.pipeline import adapter_bank, generate, load_pipeline
 
 KW = dict(steps=2, width=64, height=64, guidance_scale=7.5)
@@ -55,6 +56,7 @@ def test_adapter_changes_image_and_disable_restores_it(pipe, tiny_pipeline_path,
     styled = _px(generate(pipe, "a cat", adapter=folder, **KW))
     assert np.abs(styled - base).max() > 10
     assert np.array_equal(_px(generate(pipe, "a cat", **KW)), base)
+    assert active_adapter(pipe.unet) is not None  # a base-model request leaves the adapter state alone
     # by name, then globally disabled
     slot = adapter_bank(pipe).activate(folder)
     assert np.array_equal(_px(generate(pipe, "a cat", adapter=slot, **KW)), styled)

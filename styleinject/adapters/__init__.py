@@ -3,6 +3,7 @@
 from styleinject.adapters.config import StyleInjectConfig
 from styleinject.adapters.inject import (
     active_adapter,
+    adapters_disabled,
     adapter_parameters,
     adapter_state_dict,
     count_parameters,
@@ -24,6 +25,7 @@ __all__ = [
     "StyleInjectConfig",
     "StyleInjectLayer",
     "active_adapter",
+    "adapters_disabled",
     "adapter_parameters",
     "adapter_state_dict",
     "count_parameters",

@@ -19,7 +19,7 @@ from torch import nn
 
 from styleinject.adapters.config import StyleInjectConfig
 from styleinject.adapters.inject import (
-    disable_adapters,
+    adapters_disabled,
     expected_state_shapes,
     set_adapter,
     set_adapter_scale,
@@ -96,7 +96,7 @@ class AdapterBank:
         """Hold the model with ``directory``'s adapter active (or none) for one forward pass."""
         with self.lock:
             if directory is None:
-                disable_adapters(self.model)
-                yield None
+                with adapters_disabled(self.model):
+                    yield None
             else:
                 yield self.activate(directory, scale)

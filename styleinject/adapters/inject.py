@@ -123,6 +123,20 @@ def disable_adapters(model: nn.Module) -> None:
         layer.adapters_enabled = False
 
 
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the base model inside the block; each layer's enabled state comes back afterwards."""
+    layers = [layer for _, layer in _named_layers(model)]
+    states = [layer.adapters_enabled for layer in layers]
+    for layer in layers:
+        layer.adapters_enabled = False
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, states):
+            layer.adapters_enabled = state
+
+
 def enable_adapters(model: nn.Module) -> None:
     for _, layer in _named_layers(model):
         layer.adapters_enabled = True

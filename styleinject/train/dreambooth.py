@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from styleinject.adapters import set_adapter
 from styleinject.train.data import IMAGE_EXTENSIONS, ImageTextDataset, Item, load_dataset
 from styleinject.train.loop import (
     TrainContext,
@@ -78,20 +77,16 @@ class DreamBoothTask:
 
         ctx, cfg = self.ctx, self.ctx.cfg
         folder.mkdir(parents=True, exist_ok=True)
-        unet = ctx.models.unet
-        try:
-            for i in range(count):
-                path = folder / f"class-{i:05d}.png"
-                if path.is_file():
-                    continue
-                image = generate(ctx.models.pipe, cfg.class_prompt, seed=cfg.seed + i, steps=cfg.sample_steps,
-                                 guidance_scale=cfg.guidance_scale, width=cfg.resolution,
-                                 height=cfg.resolution, adapter=None)[0]
-                tmp = path.with_name(f".{path.name}.tmp.png")
-                image.save(tmp)
-                tmp.replace(path)
-        finally:
-            set_adapter(unet, cfg.adapter_name)  # generate(adapter=None) switched adapters off
+        for i in range(count):
+            path = folder / f"class-{i:05d}.png"
+            if path.is_file():
+                continue
+            image = generate(ctx.models.pipe, cfg.class_prompt, seed=cfg.seed + i, steps=cfg.sample_steps,
+                             guidance_scale=cfg.guidance_scale, width=cfg.resolution,
+                             height=cfg.resolution, adapter=None)[0]
+            tmp = path.with_name(f".{path.name}.tmp.png")
+            image.save(tmp)
+            tmp.replace(path)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         ctx, m, cfg = self.ctx, self.ctx.models, self.ctx.cfg

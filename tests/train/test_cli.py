@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from styleinject.adapters.io import read_adapter_metadata
-from styleinject.train.cli import build_parser, main
+from styleinject.train.cli import main
 from styleinject.train.data import inspect_dataset
 from tests.train.helpers import image_folder
 

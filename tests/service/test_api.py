@@ -1,0 +1,200 @@
+"""The API in-process (FastAPI TestClient, SQLite, embedded broker file, no worker): auth, error
+shapes, upload limits, request bounds, timeouts, OpenAPI, dashboard. No torch is needed here."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from api.auth import create_api_key, revoke_api_key
+from api.db.migrate import upgrade
+from api.db.models import Dataset, GenerationRequest, Job
+from api.db.session import session_scope
+from api.main import create_app
+from api.settings import Settings
+from tests.service.conftest import REPO, TINY_GENERATE
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    for name in list(__import__("os").environ):
+        if name.startswith("STYLEINJECT_"):
+            monkeypatch.delenv(name)
+    settings = Settings(home=tmp_path / "home", bootstrap_key="boot-key-for-tests", max_upload_bytes=4096,
+                        dataset_validation_timeout_s=0.5, generate_timeout_s=0.5, base_model="/models/x")
+    settings.home.mkdir(parents=True)
+    upgrade(settings.database_url)
+    return settings
+
+
+@pytest.fixture
+def client(settings):
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def auth(key: str = "boot-key-for-tests") -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def small_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("a.txt", "a caption")
+    return buffer.getvalue()
+
+
+def test_healthz_needs_no_key(client):
+    assert client.get("/healthz").json() == {"status": "ok", "database": True, "version": "0.1.0"}
+
+
+def test_keys_bootstrap_created_and_revoked(client, settings):
+    response = client.get("/jobs")
+    assert response.status_code == 401 and "API key" in response.json()["message"]
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert client.get("/jobs", headers=auth("si_0123456789ab_wrong")).status_code == 401
+    assert client.get("/jobs", headers=auth("not-even-a-key")).status_code == 401
+    assert client.get("/jobs", headers=auth()).json() == []
+
+    with session_scope(settings.database_url) as session:
+        key, row = create_api_key(session, "alice")
+        assert row.key_hash != key and key not in row.key_hash  # only the digest is stored
+    assert client.get("/jobs", headers=auth(key)).status_code == 200
+    assert client.get("/jobs", headers=auth(key[:-1] + ("A" if key[-1] != "A" else "B"))).status_code == 401
+    with session_scope(settings.database_url) as session:
+        assert revoke_api_key(session, key[3:15]) is not None
+    assert client.get("/jobs", headers=auth(key)).status_code == 401
+
+
+def test_validation_errors_are_json_with_a_message(client):
+    response = client.post("/train", json={"kind": "finetune", "steps": 0}, headers=auth())
+    assert response.status_code == 422
+    body = response.json()
+    assert "dataset_id" in body["message"] and "steps" in body["message"]
+    assert isinstance(body["detail"], list)
+    response = client.post("/train", json={"dataset_id": "x", "stepz": 3}, headers=auth())
+    assert response.status_code == 422 and "stepz" in response.json()["message"]
+
+
+def test_unknown_ids_are_404(client):
+    for method, path in [("GET", "/datasets/nope"), ("GET", "/jobs/nope"), ("POST", "/jobs/nope/cancel"),
+                         ("GET", "/jobs/nope/events"), ("GET", "/adapters/nope"),
+                         ("GET", "/adapters/nope/download"), ("DELETE", "/adapters/nope")]:
+        response = client.request(method, path, headers=auth())
+        assert response.status_code == 404, (method, path)
+        assert response.json()["message"].endswith("nope not found")
+    response = client.post("/train", json={"dataset_id": "nope", "steps": 2}, headers=auth())
+    assert response.status_code == 404 and "dataset nope" in response.json()["message"]
+
+
+def test_upload_over_the_cap_is_413_and_leaves_nothing(client, settings):
+    big = b"\0" * 10_000
+    response = client.post("/datasets", files={"file": ("big.zip", big)}, headers=auth())
+    assert response.status_code == 413 and "STYLEINJECT_MAX_UPLOAD_BYTES" in response.json()["message"]
+    assert not any(settings.uploads_dir.iterdir()) if settings.uploads_dir.exists() else True
+    with session_scope(settings.database_url) as session:
+        assert session.scalars(select(Dataset)).all() == []
+
+
+def test_upload_type_and_field_checks(client, settings):
+    response = client.post("/datasets", files={"file": ("x.exe", b"MZ")}, headers=auth())
+    assert response.status_code == 415 and ".zip" in response.json()["message"]
+    response = client.post("/datasets", files={"other": ("x.zip", small_zip())}, headers=auth())
+    assert response.status_code == 422 and "'file'" in response.json()["message"]
+    response = client.post("/datasets", content=b"{}", headers={**auth(), "content-type": "application/json"})
+    assert response.status_code == 415
+    assert not any(settings.uploads_dir.iterdir())
+
+
+def test_upload_waits_for_the_worker_then_answers_202(client, settings):
+    """No worker runs here: the upload is stored, validation is queued, the API answers 202."""
+    response = client.post("/datasets", files={"file": ("../../sneaky name.zip", small_zip())}, headers=auth())
+    assert response.status_code == 202, response.text
+    dataset = response.json()
+    assert dataset["status"] == "validating" and dataset["name"] == "../../sneaky name.zip"
+    stored = list((settings.uploads_dir / dataset["id"]).iterdir())
+    assert [p.name for p in stored] == ["sneaky_name.zip"]  # basename only, sanitised
+    assert client.get(f"/datasets/{dataset['id']}", headers=auth()).json()["status"] == "validating"
+    response = client.post("/train", json={"dataset_id": dataset["id"], "steps": 2}, headers=auth())
+    assert response.status_code == 409 and "validating" in response.json()["message"]
+
+
+def test_generate_bounds_and_timeout(client, settings):
+    for extra, word in [({"width": 1032}, "width"), ({"height": 60}, "height"), ({"width": 100}, "width"),
+                        ({"num_images": 5}, "num_images"), ({"steps": 151}, "steps")]:
+        response = client.post("/generate", json={**TINY_GENERATE, **extra}, headers=auth())
+        assert response.status_code == 422, extra
+        assert word in response.json()["message"]
+    response = client.post("/generate", json={**TINY_GENERATE, "adapter_id": "nope"}, headers=auth())
+    assert response.status_code == 404
+    response = client.post("/generate", json=TINY_GENERATE, headers=auth())  # no worker: times out
+    assert response.status_code == 504 and "STYLEINJECT_GENERATE_TIMEOUT_S" in response.json()["message"]
+    with session_scope(settings.database_url) as session:
+        row = session.scalars(select(GenerationRequest)).one()
+        assert row.status == "timeout" and row.params["seed"] == TINY_GENERATE["seed"]
+
+
+def test_cancel_of_a_queued_job(client, settings):
+    with session_scope(settings.database_url) as session:
+        from api.auth import get_or_create_tenant
+
+        tenant = get_or_create_tenant(session, "admin")
+        session.add(Job(id="j1", tenant_id=tenant.id, kind="finetune", params={}))
+    response = client.post("/jobs/j1/cancel", headers=auth())
+    assert response.status_code == 200
+    assert response.json()["status"] == "cancelled" and response.json()["cancel_requested"]
+    events = client.get("/jobs/j1/events", headers=auth()).text
+    assert "event: end" in events and '"status": "cancelled"' in events
+
+
+def test_openapi_is_complete(client):
+    schema = client.get("/openapi.json").json()
+    expected = {
+        ("/datasets", "post"), ("/datasets", "get"), ("/datasets/{dataset_id}", "get"), ("/train", "post"),
+        ("/jobs", "get"), ("/jobs/{job_id}", "get"), ("/jobs/{job_id}/cancel", "post"),
+        ("/jobs/{job_id}/events", "get"), ("/adapters", "get"), ("/adapters/{adapter_id}", "get"),
+        ("/adapters/{adapter_id}/download", "get"), ("/adapters/{adapter_id}", "delete"),
+        ("/generate", "post"), ("/evaluate", "post"), ("/dashboard", "get"), ("/healthz", "get"),
+    }
+    found = {(path, method) for path, ops in schema["paths"].items() for method in ops}
+    assert expected <= found
+    for path, method in expected:
+        op = schema["paths"][path][method]
+        assert op.get("summary") and op.get("tags"), (path, method)
+        ok = [code for code in op["responses"] if code.startswith("2")]
+        assert ok and all(op["responses"][code].get("content") or code == "204" for code in ok), (path, method)
+        if path not in ("/healthz", "/dashboard"):
+            assert op["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorOut")
+            assert {"HTTPBearer": []} in op.get("security", []), (path, method)
+    upload = schema["paths"]["/datasets"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert upload["properties"]["file"]["format"] == "binary"
+    for name in ("TrainRequest", "JobOut", "AdapterDetail", "GenerateRequest", "GenerateOut", "DatasetOut"):
+        assert name in schema["components"]["schemas"]
+
+
+def test_dashboard_key_moves_into_a_cookie(client):
+    response = client.get("/dashboard")
+    assert response.status_code == 401 and "<form" in response.text
+    assert client.get("/dashboard", params={"key": "wrong"}).status_code == 401
+    response = client.get("/dashboard", params={"key": "boot-key-for-tests"}, follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/dashboard"
+    cookie = response.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+    page = client.get("/dashboard")  # the TestClient keeps the cookie
+    assert page.status_code == 200 and "admin" in page.text and "No jobs yet" in page.text
+    assert client.get("/jobs").status_code == 200  # the cookie authenticates the API too
+    client.get("/dashboard", params={"logout": 1})
+    assert client.get("/dashboard").status_code == 401
+
+
+def test_api_process_imports_no_torch():
+    code = ("import sys; import api.main, api.deps, api.routes.datasets, worker.celery_app; "
+            "api.main.create_app(); bad = [m for m in ('torch', 'diffusers', 'styleinject') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)

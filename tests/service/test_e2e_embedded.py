@@ -1,0 +1,129 @@
+"""Embedded default over HTTP: `styleinject serve --home tmp --port N` as a subprocess (SQLite,
+SQLAlchemy broker, local artifacts, one real Celery worker process, demo model made on first start)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import (
+    TINY_TRAIN,
+    Proc,
+    Service,
+    free_port,
+    run_cli,
+    service_env,
+    train_and_generate,
+    wait_for_http,
+    wait_job,
+)
+
+
+def _styleinject() -> list[str]:
+    script = Path(sys.executable).with_name("styleinject")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("styleinject")
+    return [found] if found else [sys.executable, "-m", "styleinject.cli"]
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("embedded")
+    home = root / "home"
+    logs = root / "logs"
+    logs.mkdir()
+    # no STYLEINJECT_BASE_MODEL: the demo model is made on first start
+    env = service_env(progress_interval_s=0.2, lease_ttl_s=5)
+    port = free_port()
+    serve = Proc("serve", [*_styleinject(), "serve", "--home", str(home), "--port", str(port)], env, logs)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", [serve], timeout=120)
+        key = run_cli("apikey", "create", "--tenant", "carol", "--home", str(home), env=env).stdout.strip()
+        yield Service(f"http://127.0.0.1:{port}", home / "artifacts", [serve]), key, home
+    finally:
+        serve.stop(timeout=30)
+
+
+def test_serve_prints_where_things_are(embedded):
+    service, _, home = embedded
+    log = service.procs[0].log_tail(20000)
+    for needle in (service.base_url, f"{service.base_url}/docs", f"{service.base_url}/dashboard"):
+        assert needle in log
+    assert (home / "models" / "demo" / "model_index.json").is_file()
+    assert (home / "styleinject.db").is_file() and (home / "broker.db").is_file()
+
+
+def test_embedded_train_then_generate(embedded, tmp_path):
+    service, key, home = embedded
+    with service.client(key) as client:
+        flow = train_and_generate(service, client, tmp_path)
+    assert flow["adapter"]["base_model"] == str(home / "models" / "demo")
+    assert Path(service.artifact_root / "jobs" / flow["job"]["id"] / "adapter_model.safetensors").is_file()
+
+    # the dashboard: key once in the URL -> cookie -> HTML with the job and the adapter
+    with httpx.Client(base_url=service.base_url, timeout=30) as browser:
+        response = browser.get("/dashboard", params={"key": key}, follow_redirects=True)
+        assert response.status_code == 200 and "text/html" in response.headers["content-type"]
+        assert flow["job"]["id"] in response.text and flow["adapter"]["id"] in response.text
+        assert key not in str(response.url)
+    assert httpx.get(f"{service.base_url}/dashboard").status_code == 401
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _worker_pids(serve: Proc) -> list[int]:
+    return [pid for pid in _children(serve.proc.pid) if b"celery" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_killed_worker_is_restarted_and_the_job_resumes(embedded, tmp_path):
+    """SIGKILL the worker mid-job: serve restarts it, re-queues the job, and once the dead
+    worker's lease expires the job resumes from its latest checkpoint (not from step 0)."""
+    service, key, _ = embedded
+    serve = service.procs[0]
+    with service.client(key) as client:
+        dataset = client.get("/datasets").json()[0]
+        body = {**TINY_TRAIN, "steps": 60, "checkpoint_every": 2}
+        job = client.post("/train", json={"kind": "finetune", "dataset_id": dataset["id"], **body}).json()
+        deadline = time.monotonic() + 120
+        while (client.get(f"/jobs/{job['id']}").json()["progress"] or {}).get("step", 0) < 4:
+            assert time.monotonic() < deadline, service.logs()
+            time.sleep(0.2)
+        [pid] = _worker_pids(serve)
+        os.kill(pid, signal.SIGKILL)
+        final = wait_job(client, job["id"], timeout=180)
+    assert final["status"] == "succeeded", (final, service.logs())
+    assert final["attempts"] == 2 and final["progress"]["step"] == 60
+    log = serve.log_tail(200_000)
+    assert "restarting (1)" in log and f"re-queued job {job['id']}" in log
+    assert "resumed from" in log and "step-0000" in log
+    assert len(_worker_pids(serve)) == 1
+
+
+def test_serve_runs_and_stops_one_worker_process(embedded):
+    service, _, _ = embedded
+    serve = service.procs[0]
+    workers = _worker_pids(serve)
+    assert len(workers) == 1
+    cmdline = Path(f"/proc/{workers[0]}/cmdline").read_bytes().split(b"\0")
+    assert b"--pool" in cmdline and cmdline[cmdline.index(b"--pool") + 1] == b"solo"
+    serve.stop(timeout=40)
+    assert serve.proc.returncode == 0, serve.log_tail()
+    assert not Path(f"/proc/{workers[0]}").exists() or b"zombie" in Path(f"/proc/{workers[0]}/status").read_bytes().lower()
