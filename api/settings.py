@@ -10,6 +10,7 @@ Unset locations derive from ``home`` so the embedded default needs no configurat
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
 from pathlib import Path
@@ -33,6 +34,8 @@ class Settings(BaseSettings):
     artifact_root: Path | None = None
     base_model: str | None = None
     bootstrap_key: SecretStr | None = None
+    # Evaluation scorer weights (hub ids or local folders), JSON: {"clipscore": "/models/clip", ...}
+    scorer_paths: dict[str, str] = {}
 
     # Limits.
     max_upload_bytes: int = 2 * 1024**3
@@ -43,7 +46,6 @@ class Settings(BaseSettings):
 
     # Timeouts (seconds).
     generate_timeout_s: float = 300.0
-    dataset_validation_timeout_s: float = 120.0
     job_soft_time_limit_s: int = 48 * 3600
     job_time_limit_s: int = 48 * 3600 + 600
     generate_time_limit_s: int = 900
@@ -107,6 +109,8 @@ class Settings(BaseSettings):
                 continue
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
+            elif isinstance(value, dict):
+                value = json.dumps(value)
             env[ENV_PREFIX + name.upper()] = str(value)
         return env
 

@@ -26,8 +26,8 @@ def settings(tmp_path, monkeypatch):
     for name in list(__import__("os").environ):
         if name.startswith("STYLEINJECT_"):
             monkeypatch.delenv(name)
-    settings = Settings(home=tmp_path / "home", bootstrap_key="boot-key-for-tests", max_upload_bytes=4096,
-                        dataset_validation_timeout_s=0.5, generate_timeout_s=0.5, base_model="/models/x")
+    settings = Settings(home=tmp_path / "home", bootstrap_key="boot-key-for-tests", max_upload_bytes=64 * 1024,
+                        generate_timeout_s=0.5, base_model="/models/x")
     settings.home.mkdir(parents=True)
     upgrade(settings.database_url)
     return settings
@@ -94,9 +94,9 @@ def test_unknown_ids_are_404(client):
 
 
 def test_upload_over_the_cap_is_413_and_leaves_nothing(client, settings):
-    big = b"\0" * 10_000
-    response = client.post("/datasets", files={"file": ("big.zip", big)}, headers=auth())
-    assert response.status_code == 413 and "STYLEINJECT_MAX_UPLOAD_BYTES" in response.json()["message"]
+    for size in (100_000, 1_000_000):  # caught while streaming / by the declared Content-Length
+        response = client.post("/datasets", files={"file": ("big.zip", b"\0" * size)}, headers=auth())
+        assert response.status_code == 413 and "STYLEINJECT_MAX_UPLOAD_BYTES" in response.json()["message"]
     assert not any(settings.uploads_dir.iterdir()) if settings.uploads_dir.exists() else True
     with session_scope(settings.database_url) as session:
         assert session.scalars(select(Dataset)).all() == []
@@ -112,17 +112,52 @@ def test_upload_type_and_field_checks(client, settings):
     assert not any(settings.uploads_dir.iterdir())
 
 
-def test_upload_waits_for_the_worker_then_answers_202(client, settings):
-    """No worker runs here: the upload is stored, validation is queued, the API answers 202."""
-    response = client.post("/datasets", files={"file": ("../../sneaky name.zip", small_zip())}, headers=auth())
-    assert response.status_code == 202, response.text
+def test_upload_is_validated_by_the_engine(client, settings, tmp_path):
+    from tests.service.conftest import dataset_zip
+
+    data = dataset_zip(tmp_path / "d.zip").read_bytes()
+    response = client.post("/datasets", files={"file": ("../../my data.zip", data)}, headers=auth())
+    assert response.status_code == 201, response.text
     dataset = response.json()
-    assert dataset["status"] == "validating" and dataset["name"] == "../../sneaky name.zip"
-    stored = list((settings.uploads_dir / dataset["id"]).iterdir())
-    assert [p.name for p in stored] == ["sneaky_name.zip"]  # basename only, sanitised
-    assert client.get(f"/datasets/{dataset['id']}", headers=auth()).json()["status"] == "validating"
-    response = client.post("/train", json={"dataset_id": dataset["id"], "steps": 2}, headers=auth())
-    assert response.status_code == 409 and "validating" in response.json()["message"]
+    assert (dataset["status"], dataset["num_items"], dataset["name"]) == ("ready", 2, "../../my data.zip")
+    assert dataset["size_bytes"] == len(data) and len(dataset["sha256"]) == 64
+    with session_scope(settings.database_url) as session:
+        path = session.get(Dataset, dataset["id"]).path
+    assert path == str(settings.datasets_dir / dataset["id"] / "data")
+    assert sorted(p.name for p in (settings.datasets_dir / dataset["id"] / "data").iterdir()) == [
+        "img0.png", "img0.txt", "img1.png", "img1.txt"]
+    assert not any(settings.uploads_dir.iterdir())
+    assert client.get(f"/datasets/{dataset['id']}", headers=auth()).json() == dataset
+    assert [d["id"] for d in client.get("/datasets", headers=auth()).json()] == [dataset["id"]]
+
+    # a captions-only archive is not a finetune dataset
+    response = client.post("/datasets", files={"file": ("c.zip", small_zip())}, headers=auth())
+    assert response.status_code == 422 and response.json()["message"].startswith("invalid dataset: ")
+    # a prompts file is a distill dataset only
+    prompts = b"a red fox\na blue bird\n"
+    response = client.post("/datasets", params={"kind": "distill"}, files={"file": ("p.txt", prompts)},
+                           headers=auth())
+    assert response.status_code == 201 and response.json()["num_items"] == 2
+    response = client.post("/train", json={"dataset_id": response.json()["id"], "steps": 2}, headers=auth())
+    assert response.status_code == 422 and "distill" in response.json()["message"]
+    assert not any(settings.uploads_dir.iterdir())
+    assert len(list(settings.datasets_dir.iterdir())) == 2  # the rejected one left nothing
+
+
+def test_zip_slip_is_rejected_in_process(client, settings, tmp_path):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("a.txt", "a caption")
+        archive.writestr("../../escaped.txt", "x")
+        archive.writestr("/abs/escaped2.txt", "x")
+    response = client.post("/datasets", files={"file": ("evil.zip", buffer.getvalue())}, headers=auth())
+    assert response.status_code == 422, response.text
+    assert "traversal" in response.json()["message"] or "outside" in response.json()["message"]
+    assert not list(settings.home.parent.rglob("escaped*.txt"))
+    assert not any(settings.uploads_dir.iterdir())
+    assert not settings.datasets_dir.exists() or not any(settings.datasets_dir.iterdir())
+    with session_scope(settings.database_url) as session:
+        assert session.scalars(select(Dataset)).all() == []
 
 
 def test_generate_bounds_and_timeout(client, settings):
@@ -193,8 +228,20 @@ def test_dashboard_key_moves_into_a_cookie(client):
     assert client.get("/dashboard").status_code == 401
 
 
-def test_api_process_imports_no_torch():
-    code = ("import sys; import api.main, api.deps, api.routes.datasets, worker.celery_app; "
-            "api.main.create_app(); bad = [m for m in ('torch', 'diffusers', 'styleinject') if m in sys.modules]; "
-            "assert not bad, bad")
+def test_api_process_needs_no_torch(tmp_path):
+    """Import the app, then validate a real upload in-process: torch is never imported."""
+    from tests.service.conftest import dataset_zip
+
+    dataset_zip(tmp_path / "d.zip")
+    code = f"""
+import sys
+from pathlib import Path
+import api.main, api.cli, worker.celery_app
+from api.routes.datasets import validate_upload
+api.main.create_app()
+path, info = validate_upload(Path({str(tmp_path / 'd.zip')!r}), Path({str(tmp_path / 'out')!r}), "finetune")
+assert info.num_items == 2, info
+bad = [m for m in ('torch', 'diffusers', 'transformers', 'accelerate') if m in sys.modules]
+assert not bad, bad
+"""
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)

@@ -49,6 +49,7 @@ def test_worker_reserves_a_gpu_and_api_has_no_torch():
     assert services["worker"]["build"]["dockerfile"] == "docker/Dockerfile.worker"
     assert services["api"]["build"]["dockerfile"] == "docker/Dockerfile.api"
     api_file = (REPO / "docker" / "Dockerfile.api").read_text()
-    assert not re.search(r"\btorch\b", api_file.replace("no torch", "")), "the API image must not install torch"
+    commands = [line for line in api_file.splitlines() if not line.lstrip().startswith("#")]
+    assert not any(re.search(r"\btorch\b", line) for line in commands), "the API image must not install torch"
     worker_file = (REPO / "docker" / "Dockerfile.worker").read_text()
     assert "torch" in worker_file and "cu1" in worker_file

@@ -35,11 +35,12 @@ def distributed(tmp_path_factory, pg_database_module, redis_url, tiny_model):
     logs = root / "logs"
     logs.mkdir()
     clip = save_tiny_clip(root / "tiny-clip")
+    prefix = f"si-test-{uuid.uuid4().hex[:8]}:"
     env = service_env(
         home=root / "home",
         database_url=pg_database_module,
         broker_url=redis_url,
-        broker_key_prefix=f"si-test-{uuid.uuid4().hex[:8]}:",
+        broker_key_prefix=prefix,
         artifact_root=root / "shared",
         base_model=tiny_model,
         lease_ttl_s=30,
@@ -61,6 +62,11 @@ def distributed(tmp_path_factory, pg_database_module, redis_url, tiny_model):
     finally:
         for proc in procs:
             proc.stop()
+        import redis
+
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,307 @@
+"""Service commands: serve, worker, apikey, db. ``styleinject <command>`` or ``python -m api.cli``.
+
+Only argparse is imported at module level: the library CLI imports this module to build --help.
+"""
+
+import argparse
+
+
+def add_commands(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="API + one worker on this machine (embedded default: SQLite, no servers)",
+        description="Run migrations, create the demo model on first start (unless "
+        "STYLEINJECT_BASE_MODEL is set), start one Celery worker process and the API.")
+    _home(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_serve)
+
+    worker = subparsers.add_parser(
+        "worker", help="a Celery worker (run one per GPU machine in the distributed mode)",
+        description="Consume the train and generate queues. Reads STYLEINJECT_BROKER_URL, "
+        "STYLEINJECT_DATABASE_URL, STYLEINJECT_ARTIFACT_ROOT like the API.")
+    _home(worker)
+    worker.add_argument("--queues", default="train,generate", help="comma-separated (default train,generate)")
+    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
+                        help="prefork (default: time limits enforced), solo or threads")
+    worker.add_argument("--concurrency", type=int, default=1, help="tasks at once (default 1 per GPU)")
+    worker.add_argument("--hostname", default=None, help="Celery node name (default celery@<host>)")
+    worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    worker.set_defaults(func=_worker)
+
+    apikey = subparsers.add_parser("apikey", help="create, list or revoke API keys")
+    keys = apikey.add_subparsers(dest="apikey_command", required=True, metavar="{create,list,revoke}")
+    create = keys.add_parser("create", help="print a new key for a tenant (created if new)")
+    create.add_argument("--tenant", required=True, help="tenant name")
+    create.add_argument("--name", default=None, help="a label for the key")
+    _home(create)
+    create.set_defaults(func=_apikey_create)
+    listing = keys.add_parser("list", help="list keys (prefixes only; keys are never stored)")
+    listing.add_argument("--tenant", default=None, help="only this tenant")
+    _home(listing)
+    listing.set_defaults(func=_apikey_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by the key, its prefix or its id")
+    revoke.add_argument("key", help="the key, its 12-character prefix or its id")
+    _home(revoke)
+    revoke.set_defaults(func=_apikey_revoke)
+
+    db = subparsers.add_parser("db", help="database migrations (Alembic)")
+    steps = db.add_subparsers(dest="db_command", required=True, metavar="{upgrade,downgrade}")
+    upgrade = steps.add_parser("upgrade", help="migrate to the newest schema (a start-up step)")
+    upgrade.add_argument("--revision", default="head")
+    _home(upgrade)
+    upgrade.set_defaults(func=_db_upgrade)
+    downgrade = steps.add_parser("downgrade", help="migrate down (`--revision base` drops everything)")
+    downgrade.add_argument("--revision", required=True)
+    _home(downgrade)
+    downgrade.set_defaults(func=_db_downgrade)
+
+
+def _home(parser) -> None:
+    parser.add_argument("--home", default=None,
+                        help="state folder (default $STYLEINJECT_HOME or ~/.styleinject)")
+
+
+def _settings(args):
+    import os
+
+    from api.settings import get_settings
+
+    if getattr(args, "home", None):
+        os.environ["STYLEINJECT_HOME"] = str(args.home)
+    get_settings.cache_clear()
+    return get_settings()
+
+
+# -- serve ------------------------------------------------------------------------------------------
+
+def _serve(args) -> int:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import uvicorn
+
+    from api.db.migrate import upgrade
+    from api.settings import get_settings
+
+    settings = _settings(args)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    settings.artifact_root.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    if not settings.base_model and not (settings.demo_model_dir / "model_index.json").is_file():
+        print(f"creating the demo model in {settings.demo_model_dir} (tiny, random weights; set "
+              "STYLEINJECT_BASE_MODEL for a real one)", flush=True)
+        from styleinject.testing import tiny_pipeline
+
+        tiny_pipeline(settings.demo_model_dir)
+    env = settings.to_env()
+    env["STYLEINJECT_BASE_MODEL"] = settings.resolved_base_model()
+    os.environ.update(env)  # the worker subprocess and this process see the same settings
+    get_settings.cache_clear()
+    settings = get_settings()
+
+    from api.main import create_app
+
+    app = create_app(settings)
+    _prune_delivered_messages(settings.broker_url)
+    _requeue_orphans(settings, app.state.celery)
+
+    worker: dict = {"proc": None, "stopping": False}
+    if not args.no_worker:
+        command = [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
+                   "--pool", "solo", "--concurrency", "1", "--queues", "train,generate",
+                   "--hostname", f"embedded-{os.getpid()}@%h", "--loglevel", args.log_level.upper()]
+
+        def supervise() -> None:
+            import time
+
+            restarts = 0
+            while not worker["stopping"]:
+                worker["proc"] = subprocess.Popen(command, env={**os.environ, **env},
+                                                  preexec_fn=_die_with_parent)
+                if restarts:  # the dead worker's job resumes once its lease expires
+                    _requeue_orphans(settings, app.state.celery)
+                code = worker["proc"].wait()
+                if worker["stopping"]:
+                    return
+                restarts += 1
+                print(f"worker exited with code {code}; restarting ({restarts})", file=sys.stderr, flush=True)
+                if restarts > 5:
+                    print("worker keeps failing; not restarting it again", file=sys.stderr, flush=True)
+                    return
+                time.sleep(2)
+
+        threading.Thread(target=supervise, name="worker-supervisor", daemon=True).start()
+
+    def on_sigterm(signum, frame):  # uvicorn re-raises SIGTERM after its shutdown: end cleanly
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    base = f"http://{args.host}:{args.port}"
+    print(f"StyleInject embedded service\n  home:      {settings.home}\n  API:       {base}\n"
+          f"  docs:      {base}/docs\n  dashboard: {base}/dashboard?key=<API key>\n"
+          f"  base model: {settings.resolved_base_model()}\n"
+          f"  create a key: styleinject apikey create --tenant NAME --home {settings.home}", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        worker["stopping"] = True
+        proc = worker["proc"]
+        if proc is not None and proc.poll() is None:
+            # Warm shutdown: an idle worker exits at once; a running job gets 10 s, then is killed
+            # and resumes from its latest checkpoint on the next start.
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return 0
+
+
+def _die_with_parent() -> None:
+    """In the worker child (Linux): die with `serve` even if it is killed without cleaning up
+    (the interrupted job resumes from its checkpoint on the next start)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _prune_delivered_messages(broker_url: str) -> None:
+    """The SQLAlchemy transport keeps delivered messages (visible = false) forever; drop them."""
+    if not broker_url.startswith("sqla+"):
+        return
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    engine = create_engine(broker_url.removeprefix("sqla+"))
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM kombu_message WHERE visible = false"))
+    except OperationalError:  # first start: no table yet
+        pass
+    finally:
+        engine.dispose()
+
+
+def _requeue_orphans(settings, celery) -> None:
+    """Send the task again for every job left running (its worker stopped with `serve`).
+
+    The embedded broker does not re-deliver unacknowledged messages. A duplicate is harmless: the
+    task waits while another worker's lease is live, then claims the job and resumes it from the
+    latest checkpoint, or does nothing if the job has finished.
+    """
+    from sqlalchemy import select
+
+    from api.db.models import Job
+    from api.db.session import session_scope
+
+    with session_scope(settings.database_url) as session:
+        running = session.execute(select(Job.id, Job.kind).where(Job.status == "running")).all()
+    for job_id, kind in running:
+        name = "worker.tasks.evaluate" if kind == "evaluate" else "worker.tasks.train"
+        celery.send_task(name, args=[job_id])
+        print(f"re-queued job {job_id} (interrupted by the last shutdown)", flush=True)
+
+
+# -- worker -----------------------------------------------------------------------------------------
+
+def _worker(args) -> int:
+    _settings(args)
+    from worker.celery_app import celery_app
+
+    argv = ["worker", "--pool", args.pool, "--concurrency", str(args.concurrency),
+            "--queues", args.queues, "--loglevel", args.log_level.upper()]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    celery_app.worker_main(argv)
+    return 0
+
+
+# -- apikey -----------------------------------------------------------------------------------------
+
+def _apikey_create(args) -> int:
+    import sys
+
+    from api.auth import create_api_key
+    from api.db.session import session_scope
+
+    settings = _settings(args)
+    with session_scope(settings.database_url) as session:
+        key, row = create_api_key(session, args.tenant, args.name)
+        prefix = row.prefix
+    print(f"new key for tenant {args.tenant!r} (prefix {prefix}); it is shown only once:", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def _apikey_list(args) -> int:
+    from sqlalchemy import select
+
+    from api.db.models import ApiKey, Tenant
+    from api.db.session import session_scope
+
+    settings = _settings(args)
+    with session_scope(settings.database_url) as session:
+        query = select(ApiKey, Tenant.name).join(Tenant).order_by(Tenant.name, ApiKey.created_at)
+        if args.tenant:
+            query = query.where(Tenant.name == args.tenant)
+        rows = session.execute(query).all()
+        print(f"{'tenant':<20} {'prefix':<14} {'id':<34} {'created':<20} {'last used':<20} state")
+        for key, tenant in rows:
+            state = "revoked" if key.revoked_at else "active"
+            used = key.last_used_at.strftime("%Y-%m-%d %H:%M") if key.last_used_at else "-"
+            print(f"{tenant:<20} {key.prefix:<14} {key.id:<34} "
+                  f"{key.created_at.strftime('%Y-%m-%d %H:%M'):<20} {used:<20} {state}")
+    return 0
+
+
+def _apikey_revoke(args) -> int:
+    import sys
+
+    from api.auth import revoke_api_key
+    from api.db.session import session_scope
+
+    settings = _settings(args)
+    with session_scope(settings.database_url) as session:
+        row = revoke_api_key(session, args.key)
+        if row is None:
+            print(f"no key matches {args.key!r}", file=sys.stderr)
+            return 1
+        print(f"revoked key {row.prefix}")
+    return 0
+
+
+# -- db ---------------------------------------------------------------------------------------------
+
+def _db_upgrade(args) -> int:
+    from api.db.migrate import upgrade
+
+    upgrade(_settings(args).database_url, args.revision)
+    return 0
+
+
+def _db_downgrade(args) -> int:
+    from api.db.migrate import downgrade
+
+    downgrade(_settings(args).database_url, args.revision)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m api.cli", description="StyleInject service commands")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,37 @@
+"""Database models, sessions and migrations shared by ``api`` and ``worker`` (no torch)."""
+
+from api.db.models import (
+    FINISHED,
+    TRAIN_KINDS,
+    Adapter,
+    ApiKey,
+    Base,
+    Checkpoint,
+    Dataset,
+    EvalScore,
+    GenerationRequest,
+    Job,
+    Tenant,
+    new_id,
+    utcnow,
+)
+from api.db.session import make_engine, session_factory, session_scope
+
+__all__ = [
+    "FINISHED",
+    "TRAIN_KINDS",
+    "Adapter",
+    "ApiKey",
+    "Base",
+    "Checkpoint",
+    "Dataset",
+    "EvalScore",
+    "GenerationRequest",
+    "Job",
+    "Tenant",
+    "make_engine",
+    "new_id",
+    "session_factory",
+    "session_scope",
+    "utcnow",
+]

@@ -1,0 +1,81 @@
+"""The FastAPI app. ``uvicorn --factory api.main:create_app`` (or ``api.main:app``).
+
+No torch here: training, inference and evaluation run in the Celery worker; tasks are sent by
+name. Uploads are validated in-process with the library's torch-free ``styleinject.train.data``. Migrations are a start-up step (``styleinject db upgrade``), never run on import.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api import __version__
+from api.routes import adapters, dashboard, datasets, evaluate, generate, health, jobs, train
+from api.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Train and serve StyleInject adapters for Stable Diffusion UNets.
+
+Authenticate with `Authorization: Bearer <API key>` (create keys with
+`styleinject apikey create --tenant NAME`). Every dataset, job and adapter belongs to a tenant;
+another tenant's id answers 404. Errors are JSON: `{"message": "...", "detail": ...}`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    from worker.celery_app import make_celery
+
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="StyleInject",
+        version=__version__,
+        description=DESCRIPTION,
+        openapi_tags=[
+            {"name": "datasets", "description": "Upload and inspect training data"},
+            {"name": "jobs", "description": "Training and evaluation jobs"},
+            {"name": "adapters", "description": "Trained adapters"},
+            {"name": "generate", "description": "Text-to-image with an optional adapter"},
+            {"name": "dashboard", "description": "HTML overview"},
+            {"name": "health", "description": "Liveness"},
+        ],
+    )
+    app.state.settings = settings
+    app.state.celery = make_celery(settings)
+    for module in (datasets, train, jobs, adapters, generate, evaluate, dashboard, health):
+        app.include_router(module.router)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return JSONResponse({"message": message, "detail": exc.detail},
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors: list[Any] = jsonable_encoder(exc.errors())
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors]
+        return JSONResponse({"message": "invalid request: " + "; ".join(parts), "detail": errors},
+                            status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"message": f"internal error ({type(exc).__name__}); see the API log",
+                             "detail": None}, status_code=500)
+
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn api.main:app` works too; the app is built on first access, not at import.
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(name)

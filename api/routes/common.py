@@ -1,0 +1,56 @@
+"""Shared route helpers: error responses for OpenAPI, row -> response conversions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from api.db.models import Adapter, Job
+from api.schemas import AdapterOut, CheckpointOut, ErrorOut, JobOut
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries: every listed status code returns an ErrorOut."""
+    return {code: {"model": ErrorOut} for code in codes}
+
+
+AUTH_ERRORS = errors(401)
+
+
+def job_out(job: Job) -> JobOut:
+    if job.kind == "evaluate":
+        adapter_id = job.params.get("adapter_id")
+    else:
+        adapter_id = job.adapter.id if job.adapter is not None else None
+    return JobOut(
+        id=job.id,
+        kind=job.kind,
+        status=job.status,
+        dataset_id=job.dataset_id,
+        adapter_id=adapter_id,
+        params=job.params or {},
+        progress=job.progress,
+        result=job.result,
+        error=job.error,
+        cancel_requested=job.cancel_requested,
+        attempts=job.attempts,
+        worker_id=job.worker_id,
+        checkpoints=[CheckpointOut.model_validate(c) for c in job.checkpoints],
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        updated_at=job.updated_at,
+    )
+
+
+def adapter_out(adapter: Adapter) -> dict[str, Any]:
+    return AdapterOut(
+        id=adapter.id,
+        name=adapter.name,
+        kind=adapter.kind,
+        base_model=adapter.base_model,
+        job_id=adapter.job_id,
+        config=adapter.config or {},
+        metadata=adapter.meta or {},
+        size_bytes=adapter.size_bytes,
+        created_at=adapter.created_at,
+    ).model_dump()

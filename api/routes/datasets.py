@@ -1,0 +1,140 @@
+"""Datasets: streamed upload with a size cap, then validation with the training engine's checks.
+
+``styleinject.train.data`` (``safe_extract``, ``inspect_dataset``) is torch-free (numpy + PIL) and
+the library's top-level imports are lazy, so the API validates uploads itself, in a worker thread,
+importing the module on first use: the answer is immediate (no waiting behind a training job in
+the embedded mode's single worker) and a bad upload is a 422 with the engine's message that leaves
+nothing behind. The upload streams to ``<artifacts>/uploads/<id>/``; archives are extracted with
+``safe_extract`` into ``<artifacts>/datasets/<id>/data`` and fully inspected there.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
+
+from api.db.models import Dataset, new_id
+from api.db.session import session_scope
+from api.deps import SessionDep, SettingsDep, TenantDep, get_owned
+from api.routes.common import AUTH_ERRORS, errors
+from api.schemas import DatasetOut, TrainKind
+from api.uploads import UploadError, receive_file
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+
+router = APIRouter(prefix="/datasets", tags=["datasets"], responses=AUTH_ERRORS)
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": ".zip/.tar/.tar.gz/.tgz of images + .txt captions or a "
+                            "metadata.jsonl; for distill also a prompts .txt/.jsonl",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetOut,
+    summary="Upload a dataset (multipart field `file`)",
+    responses=errors(400, 413, 415, 422),
+    openapi_extra=_UPLOAD_BODY,
+)
+async def create_dataset(
+    request: Request,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    kind: Annotated[TrainKind, Query(description="Training kind to validate for")] = "finetune",
+) -> Dataset:
+    dataset_id = new_id()
+    upload_dir = settings.uploads_dir / dataset_id
+    dest = settings.datasets_dir / dataset_id
+    try:
+        upload, original, size = await receive_file(request, "file", upload_dir, settings.max_upload_bytes)
+        data_path, info = await run_in_threadpool(validate_upload, upload, dest, kind)
+    except UploadError as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise HTTPException(exc.status_code, exc.message) from None
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(upload_dir, ignore_errors=True)
+
+    def create_row() -> Dataset:
+        with session_scope(settings.database_url) as session:
+            row = Dataset(id=dataset_id, tenant_id=tenant.id, name=original[:255], kind=kind,
+                          status="ready", path=str(data_path), size_bytes=size, format=info.format,
+                          num_items=info.num_items, has_teacher_text=info.has_teacher_text,
+                          sha256=info.sha256)
+            session.add(row)
+            return row
+
+    try:
+        return await run_in_threadpool(create_row)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def validate_upload(upload: Path, dest: Path, kind: str) -> tuple[Path, Any]:
+    """Extract (archives) into ``dest`` and run the engine's full validation.
+
+    Raises UploadError(422) with the engine's message; ``dest`` is the caller's to remove.
+    """
+    from styleinject.train.data import DatasetError, inspect_dataset, safe_extract
+
+    dest.mkdir(parents=True)
+    try:
+        if upload.name.lower().endswith(ARCHIVE_SUFFIXES):
+            data_path = dest / "data"
+            safe_extract(upload, data_path)
+        else:
+            data_path = dest / upload.name
+            shutil.move(upload, data_path)
+        return data_path, inspect_dataset(data_path, kind=kind)
+    except DatasetError as exc:
+        raise UploadError(422, f"invalid dataset: {exc}") from None
+
+
+@router.get("", response_model=list[DatasetOut], summary="List your datasets, newest first")
+def list_datasets(
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[Dataset]:
+    query = (
+        select(Dataset)
+        .where(Dataset.tenant_id == tenant.id)
+        .order_by(Dataset.created_at.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(session.scalars(query))
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=errors(404),
+            summary="One dataset and its validation result")
+def read_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Dataset:
+    return get_owned(session, Dataset, dataset_id, tenant)

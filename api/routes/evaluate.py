@@ -1,0 +1,36 @@
+"""POST /evaluate: an evaluate job that scores one adapter (``worker.tasks.evaluate``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+
+from api.db.models import Adapter, Job, utcnow
+from api.deps import CeleryDep, SessionDep, TenantDep, get_owned
+from api.routes.common import AUTH_ERRORS, errors, job_out
+from api.schemas import EvaluateRequest, JobOut
+
+router = APIRouter(prefix="/evaluate", tags=["jobs"], responses=AUTH_ERRORS)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    responses=errors(404, 422, 503),
+    summary="Score an adapter (scores land on GET /adapters/{id})",
+)
+def create_evaluation(body: EvaluateRequest, session: SessionDep, tenant: TenantDep,
+                      celery: CeleryDep) -> JobOut:
+    adapter = get_owned(session, Adapter, body.adapter_id, tenant)
+    job = Job(tenant_id=tenant.id, kind="evaluate", params=body.model_dump(exclude_none=True)
+              | {"adapter_id": adapter.id})
+    session.add(job)
+    session.commit()
+    try:
+        celery.send_task("worker.tasks.evaluate", args=[job.id])
+    except Exception as exc:  # noqa: BLE001 - broker down
+        job.status, job.error, job.finished_at = "failed", f"could not queue: {exc}", utcnow()
+        session.commit()
+        raise HTTPException(503, f"could not queue the job (is the broker up?): {exc}") from None
+    session.refresh(job)
+    return job_out(job)

@@ -1,0 +1,101 @@
+"""Jobs: list, read, cancel (a DB flag the training loop polls), progress as Server-Sent Events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select, update
+from sse_starlette import EventSourceResponse
+
+from api.db.models import FINISHED, Job, utcnow
+from api.db.session import session_scope
+from api.deps import SessionDep, SettingsDep, TenantDep, get_owned
+from api.routes.common import AUTH_ERRORS, errors, job_out
+from api.schemas import JobOut, JobStatus
+
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=AUTH_ERRORS)
+
+EVENTS_POLL_S = 0.5
+
+
+@router.get("", response_model=list[JobOut], summary="List your jobs, newest first")
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    status: JobStatus | None = None,
+    kind: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[JobOut]:
+    query = select(Job).where(Job.tenant_id == tenant.id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    query = query.order_by(Job.created_at.desc()).limit(limit).offset(offset)
+    return [job_out(job) for job in session.scalars(query)]
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=errors(404), summary="One job")
+def read_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+    return job_out(get_owned(session, Job, job_id, tenant))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=errors(404),
+             summary="Cancel a job (a finished job is returned unchanged)")
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+    job = get_owned(session, Job, job_id, tenant)
+    if job.status not in FINISHED:
+        # A running job stops at its next step (final checkpoint kept); a queued one ends now and
+        # its task becomes a no-op. Conditional updates: the worker may be claiming it right now.
+        session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued")
+            .values(status="cancelled", finished_at=utcnow(), updated_at=utcnow())
+        )
+        session.commit()
+        session.refresh(job)
+    return job_out(job)
+
+
+@router.get(
+    "/{job_id}/events",
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "`progress` events (the job as JSON) on every change, then one `end`",
+        },
+        **errors(404),
+    },
+    summary="Follow a job's progress (Server-Sent Events)",
+)
+async def stream_job_events(
+    job_id: str, request: Request, tenant: TenantDep, settings: SettingsDep
+) -> EventSourceResponse:
+    def snapshot() -> dict:
+        with session_scope(settings.database_url) as session:
+            return job_out(get_owned(session, Job, job_id, tenant)).model_dump(mode="json")
+
+    first = await run_in_threadpool(snapshot)  # 404 before the stream starts
+
+    async def events():
+        current, last = first, None
+        while True:
+            key = (current["status"], current["progress"], current["error"], current["adapter_id"])
+            if key != last:
+                last = key
+                yield {"event": "progress", "data": json.dumps(current)}
+            if current["status"] in FINISHED:
+                yield {"event": "end", "data": json.dumps(current)}
+                return
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(EVENTS_POLL_S)
+            current = await run_in_threadpool(snapshot)
+
+    return EventSourceResponse(events(), ping=15)

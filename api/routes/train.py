@@ -1,0 +1,51 @@
+"""POST /train: write a job row, send ``worker.tasks.train`` by name (the API imports no torch)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+
+from api.db.models import Dataset, Job, utcnow
+from api.deps import CeleryDep, SessionDep, SettingsDep, TenantDep, get_owned
+from api.routes.common import AUTH_ERRORS, errors, job_out
+from api.schemas import JobOut, TrainRequest
+
+router = APIRouter(prefix="/train", tags=["jobs"], responses=AUTH_ERRORS)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    responses=errors(404, 409, 422, 503),
+    summary="Start a finetune, distill or dreambooth job",
+)
+def create_train_job(
+    body: TrainRequest, session: SessionDep, tenant: TenantDep, settings: SettingsDep, celery: CeleryDep
+) -> JobOut:
+    dataset = get_owned(session, Dataset, body.dataset_id, tenant)
+    if dataset.status != "ready":
+        raise HTTPException(409, f"dataset {dataset.id} is {dataset.status}"
+                                 + (f": {dataset.error}" if dataset.error else "; retry when ready"))
+    if dataset.kind == "distill" and body.kind != "distill":
+        raise HTTPException(422, f"dataset {dataset.id} was validated for distill (prompts only); "
+                                 "upload images with captions for finetune/dreambooth")
+    if body.kind == "distill" and not body.teacher_model:
+        raise HTTPException(422, "distill needs teacher_model (a hub id or local path)")
+    if body.kind == "dreambooth" and not body.instance_prompt:
+        raise HTTPException(422, "dreambooth needs instance_prompt (e.g. 'a photo of sks dog')")
+    if body.steps > settings.max_train_steps:
+        raise HTTPException(422, f"steps must be <= {settings.max_train_steps} "
+                                 "(STYLEINJECT_MAX_TRAIN_STEPS)")
+    params = body.model_dump(exclude_none=True)
+    params["base_model"] = body.base_model or settings.resolved_base_model()
+    job = Job(tenant_id=tenant.id, kind=body.kind, dataset_id=dataset.id, params=params)
+    session.add(job)
+    session.commit()
+    try:
+        celery.send_task("worker.tasks.train", args=[job.id])
+    except Exception as exc:  # noqa: BLE001 - broker down: fail the job, tell the caller
+        job.status, job.error, job.finished_at = "failed", f"could not queue: {exc}", utcnow()
+        session.commit()
+        raise HTTPException(503, f"could not queue the job (is the broker up?): {exc}") from None
+    session.refresh(job)
+    return job_out(job)

@@ -1,0 +1,200 @@
+"""Request and response models (they are the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TrainKind = Literal["finetune", "distill", "dreambooth"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class ErrorOut(BaseModel):
+    message: str = Field(description="What went wrong, in words")
+    detail: Any = Field(None, description="Structured details (validation errors) if any")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# -- datasets -------------------------------------------------------------------------------------
+
+class DatasetOut(_Out):
+    id: str
+    name: str
+    status: Literal["validating", "ready", "invalid"]
+    format: str | None = None
+    num_items: int | None = None
+    has_teacher_text: bool | None = None
+    sha256: str | None = None
+    size_bytes: int
+    error: str | None = None
+    created_at: datetime
+
+
+# -- training and jobs ----------------------------------------------------------------------------
+
+class AdapterSpec(BaseModel):
+    """StyleInjectConfig fields; unset ones take the library defaults (r 32, n 16, to_q + to_v)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int | None = Field(None, ge=1, le=1024)
+    num_styles: int | None = Field(None, ge=1, le=256)
+    alpha: float | None = Field(None, gt=0)
+    target_modules: list[str] | None = None
+    style_modules: list[str] | None = None
+    conv_target_modules: list[str] | None = None
+    conv_rank: int | None = Field(None, ge=1, le=1024)
+    dma: bool | None = None
+    sta: bool | None = None
+    dropout: float | None = Field(None, ge=0, lt=1)
+
+
+class TrainRequest(BaseModel):
+    """A training job. Unset fields take the training engine's defaults (TrainConfig)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: TrainKind = "finetune"
+    dataset_id: str
+    name: str | None = Field(None, max_length=255, description="Adapter name (default: job id)")
+    base_model: str | None = Field(None, description="Hub id or local path; default: the server's")
+    teacher_model: str | None = Field(None, description="distill only: the teacher checkpoint")
+    steps: int = Field(1000, ge=1)
+    resolution: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    batch_size: int | None = Field(None, ge=1, le=256)
+    gradient_accumulation_steps: int | None = Field(None, ge=1, le=1024)
+    learning_rate: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    gradient_checkpointing: bool | None = None
+    checkpoint_every: int | None = Field(None, ge=1)
+    keep_checkpoints: int | None = Field(None, ge=1, le=100)
+    validation_every: int | None = Field(None, ge=0)
+    validation_prompts: list[str] | None = None
+    instance_prompt: str | None = Field(None, description="dreambooth: the identifier prompt")
+    class_prompt: str | None = Field(None, description="dreambooth: prior-preservation prompt")
+    adapter: AdapterSpec | None = None
+
+
+class ProgressOut(BaseModel):
+    step: int | None = None
+    total: int | None = None
+    loss: float | None = None
+    lr: float | None = None
+    samples_per_s: float | None = None
+    eta_s: float | None = None
+
+
+class CheckpointOut(_Out):
+    id: str
+    job_id: str
+    adapter_id: str | None = None
+    step: int
+    created_at: datetime
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: Literal["finetune", "distill", "dreambooth", "evaluate"]
+    status: JobStatus
+    dataset_id: str | None = None
+    adapter_id: str | None = Field(
+        None, description="train jobs: the adapter produced (once succeeded); evaluate: the one scored"
+    )
+    params: dict[str, Any]
+    progress: ProgressOut | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    cancel_requested: bool
+    attempts: int
+    worker_id: str | None = None
+    checkpoints: list[CheckpointOut] = []
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime
+
+
+# -- adapters -------------------------------------------------------------------------------------
+
+class EvalScoreOut(_Out):
+    id: str
+    job_id: str | None = None
+    metric: str
+    value: float
+    details: dict[str, Any] | None = None
+    created_at: datetime
+
+
+class AdapterOut(BaseModel):
+    id: str
+    name: str
+    kind: str
+    base_model: str
+    job_id: str | None = None
+    config: dict[str, Any]
+    metadata: dict[str, Any]
+    size_bytes: int
+    created_at: datetime
+
+
+class AdapterDetail(AdapterOut):
+    checkpoints: list[CheckpointOut]
+    eval_scores: list[EvalScoreOut]
+
+
+# -- generation and evaluation --------------------------------------------------------------------
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    negative_prompt: str | None = Field(None, max_length=4000)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Random if unset (returned)")
+    steps: int = Field(30, ge=1, description="Bounded by STYLEINJECT_MAX_INFERENCE_STEPS")
+    guidance_scale: float = Field(7.5, ge=0, le=50)
+    width: int = Field(512, ge=64, multiple_of=8, description="Bounded by STYLEINJECT_MAX_IMAGE_SIZE")
+    height: int = Field(512, ge=64, multiple_of=8, description="Bounded by STYLEINJECT_MAX_IMAGE_SIZE")
+    num_images: int = Field(1, ge=1, description="Bounded by STYLEINJECT_MAX_NUM_IMAGES")
+    adapter_id: str | None = None
+    adapter_scale: float = Field(1.0, ge=-4, le=4)
+
+
+class GenerateOut(BaseModel):
+    id: str
+    images: list[str] = Field(description="PNG files, base64-encoded")
+    seed: int
+    width: int
+    height: int
+    steps: int
+    adapter_id: str | None = None
+    adapter_scale: float
+    duration_s: float | None = None
+
+
+class EvaluateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_id: str
+    prompts: list[str] | None = Field(None, description="Default: the evaluator's prompt suite")
+    scorers: list[Literal["clipscore", "pickscore", "imagereward"]] | None = Field(
+        None, description="Default: clipscore. Weights come from STYLEINJECT_SCORER_PATHS"
+    )
+    seeds: list[int] | None = Field(None, description="Default: the evaluator's seeds")
+    steps: int | None = Field(None, ge=1, le=150)
+    guidance_scale: float | None = Field(None, ge=0, le=50)
+    width: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    negative_prompt: str | None = None
+    adapter_scale: float | None = Field(None, ge=-4, le=4)
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded"]
+    database: bool
+    version: str

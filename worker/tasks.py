@@ -1,0 +1,323 @@
+"""Celery tasks: train, generate, evaluate.
+
+Every task takes an id, re-reads its row and is safe to run twice (``acks_late`` redelivers).
+torch, diffusers and the library are imported inside the tasks, so importing this module (which
+``celery worker`` does at start) stays cheap.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import select, update
+
+from api.db.models import Adapter, Checkpoint, Dataset, EvalScore, GenerationRequest, Job, utcnow
+from api.db.session import session_scope
+from api.settings import get_settings
+from worker.celery_app import celery_app
+from worker.lease import JobLease
+
+log = logging.getLogger("worker.tasks")
+_limits = get_settings()  # time limits are fixed when the task is registered; the rest is read per call
+
+
+def _worker_id(task) -> str:
+    return f"{task.request.hostname or socket.gethostname()}:{os.getpid()}"
+
+
+def _message(exc: BaseException) -> str:
+    """Our libraries' errors already say what to do; anything else gets its type name."""
+    from styleinject.train.data import DatasetError
+
+    known: tuple[type[BaseException], ...] = (DatasetError, ValueError, FileNotFoundError)
+    try:
+        from styleinject.train.loop import TrainingError
+
+        known += (TrainingError,)
+    except ImportError:
+        pass
+    text = str(exc).strip() or type(exc).__name__
+    return text if isinstance(exc, known) else f"{type(exc).__name__}: {text}"
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+def _train_config(job: dict[str, Any], data_path: str, output_dir: Path):
+    from styleinject import StyleInjectConfig
+    from styleinject.train import TrainConfig
+
+    params = dict(job["params"])
+    known = {f.name for f in fields(TrainConfig)} - {"kind", "data", "output_dir", "resume", "adapter"}
+    values = {k: v for k, v in params.items() if k in known}
+    adapter = StyleInjectConfig(**(params.get("adapter") or {}))
+    # resume="latest" always: a fresh job has no checkpoint and starts at step 0; a redelivered
+    # one continues from its newest checkpoint instead of training twice.
+    return TrainConfig(kind=job["kind"], data=data_path, output_dir=str(output_dir), resume="latest",
+                       adapter=adapter, **values)
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[-1])
+
+
+def _sync_checkpoints(session, job_id: str, output_dir: Path, adapter_id: str | None = None) -> None:
+    """Make the job's checkpoint rows match the complete checkpoint folders on disk."""
+    from styleinject.train.checkpoint import list_checkpoints
+
+    on_disk = {str(p): p for p in list_checkpoints(output_dir)}
+    rows = {c.path: c for c in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id))}
+    for path, row in rows.items():
+        if path not in on_disk:
+            session.delete(row)
+        elif adapter_id is not None:
+            row.adapter_id = adapter_id
+    for path, p in on_disk.items():
+        if path not in rows:
+            session.add(Checkpoint(job_id=job_id, adapter_id=adapter_id, step=_checkpoint_step(p), path=path))
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+@celery_app.task(name="worker.tasks.train", bind=True, soft_time_limit=_limits.job_soft_time_limit_s,
+                 time_limit=_limits.job_time_limit_s)
+def train(self, job_id: str) -> dict[str, Any]:
+    settings = get_settings()
+    lease = JobLease(settings, job_id, _worker_id(self))
+    claim = lease.claim()
+    if claim.status == "busy":
+        raise self.retry(countdown=claim.retry_in_s, max_retries=None)
+    if claim.status == "done":
+        return {"job_id": job_id, "skipped": True}
+
+    with session_scope(settings.database_url) as session:
+        job_row = session.get(Job, job_id)
+        dataset = session.get(Dataset, job_row.dataset_id) if job_row.dataset_id else None
+        job = {"kind": job_row.kind, "params": job_row.params, "tenant_id": job_row.tenant_id}
+        data_path = dataset.path if dataset is not None and dataset.status == "ready" else None
+    output_dir = settings.jobs_dir / job_id
+
+    def record_checkpoints() -> None:
+        with session_scope(settings.database_url) as session:
+            _sync_checkpoints(session, job_id, output_dir)
+
+    seen: set[Path] = set()
+
+    def on_progress(p) -> None:
+        from styleinject.train.checkpoint import list_checkpoints
+
+        lease.report({"step": p.step, "total": p.total, "loss": p.loss, "lr": p.lr,
+                      "samples_per_s": p.samples_per_s,
+                      "eta_s": p.eta_s if p.eta_s != float("inf") else None})
+        current = set(list_checkpoints(output_dir))  # rows follow the folders while training
+        if current != seen:
+            seen.clear()
+            seen.update(current)
+            record_checkpoints()
+
+    with lease.heartbeat():
+        try:
+            if data_path is None:
+                raise FileNotFoundError("the job's dataset was deleted or is not ready")
+            from styleinject.train import run_training
+
+            cfg = _train_config(job, data_path, output_dir)
+            result = run_training(cfg, progress=on_progress, should_cancel=lease.should_cancel)
+        except SoftTimeLimitExceeded:
+            record_checkpoints()
+            lease.finish("failed", f"time limit of {settings.job_soft_time_limit_s} s reached "
+                                   "(STYLEINJECT_JOB_SOFT_TIME_LIMIT_S); checkpoints kept")
+            return {"job_id": job_id, "status": "failed"}
+        except Exception as exc:  # noqa: BLE001 - the job row carries the message
+            log.exception("job %s failed", job_id)
+            if output_dir.is_dir():
+                record_checkpoints()
+            lease.finish("failed", _message(exc))
+            return {"job_id": job_id, "status": "failed"}
+
+    if lease.lost:  # another worker took over; it owns the row now
+        return {"job_id": job_id, "status": "lost"}
+    summary = {"steps_done": result.steps_done, "loss": result.loss}
+    if result.cancelled:
+        record_checkpoints()
+        lease.finish("cancelled", result=summary)
+        return {"job_id": job_id, "status": "cancelled"}
+
+    from styleinject.adapters.io import read_adapter_metadata
+
+    with session_scope(settings.database_url) as session:
+        adapter = session.scalar(select(Adapter).where(Adapter.job_id == job_id))
+        if adapter is None:
+            adapter = Adapter(job_id=job_id, tenant_id=job["tenant_id"])
+            session.add(adapter)
+        adapter.name = job["params"].get("name") or f"{job['kind']}-{job_id[:8]}"
+        adapter.kind = job["kind"]
+        adapter.base_model = cfg.base_model
+        adapter.path = str(output_dir)
+        adapter.config = json.loads((output_dir / "adapter_config.json").read_text())
+        adapter.meta = read_adapter_metadata(output_dir)
+        adapter.size_bytes = _folder_bytes(output_dir)
+        session.flush()
+        _sync_checkpoints(session, job_id, output_dir, adapter.id)
+        adapter_id = adapter.id
+    lease.finish("succeeded", result=summary | {"adapter_id": adapter_id})
+    return {"job_id": job_id, "status": "succeeded", "adapter_id": adapter_id}
+
+
+# -- generation -------------------------------------------------------------------------------------
+
+# The base pipeline stays loaded between requests (one base model resident per worker process);
+# adapters are swapped into it per request by the library's AdapterBank. _GENERATE_LOCK makes the
+# whole request (switch adapter + denoise) atomic, so concurrent requests (threads pool) for
+# different adapters never see each other's weights.
+_PIPELINES: dict[str, Any] = {}
+_PIPELINES_LOCK = threading.Lock()
+_GENERATE_LOCK = threading.Lock()
+
+
+def get_pipeline(base_model: str):
+    with _PIPELINES_LOCK:
+        pipe = _PIPELINES.get(base_model)
+        if pipe is None:
+            from styleinject.pipeline import load_pipeline
+
+            _PIPELINES.clear()  # one resident base model: free the previous one first
+            pipe = load_pipeline(base_model)
+            pipe.set_progress_bar_config(disable=True)
+            _PIPELINES[base_model] = pipe
+        return pipe
+
+
+def _png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _fail_generation(request_id: str, message: str, status_code: int) -> dict[str, Any]:
+    settings = get_settings()
+    with session_scope(settings.database_url) as session:
+        session.execute(update(GenerationRequest).where(GenerationRequest.id == request_id)
+                        .values(status="failed", error=message, finished_at=utcnow()))
+    return {"ok": False, "error": message, "status_code": status_code}
+
+
+@celery_app.task(name="worker.tasks.generate", bind=True, soft_time_limit=_limits.generate_time_limit_s,
+                 time_limit=_limits.generate_time_limit_s + 60)
+def generate(self, request_id: str) -> dict[str, Any]:
+    settings = get_settings()
+    with session_scope(settings.database_url) as session:
+        claimed = session.execute(
+            update(GenerationRequest)
+            .where(GenerationRequest.id == request_id, GenerationRequest.status == "queued")
+            .values(status="running", worker_id=_worker_id(self))
+        ).rowcount
+        if not claimed:  # the API gave up waiting, or this is a redelivery
+            return {"ok": False, "skipped": True}
+        row = session.get(GenerationRequest, request_id)
+        params = dict(row.params)
+        adapter_path, base_model = None, settings.resolved_base_model()
+        if row.adapter_id is not None:
+            adapter = session.get(Adapter, row.adapter_id)
+            if adapter is None:
+                adapter_path = ""
+            else:
+                adapter_path, base_model = adapter.path, adapter.base_model
+    if adapter_path == "" or (adapter_path and not Path(adapter_path).is_dir()):
+        return _fail_generation(request_id, "the adapter was deleted", 404)
+
+    started = time.perf_counter()
+    try:
+        from styleinject.pipeline import generate as run_pipeline
+
+        pipe = get_pipeline(base_model)
+        with _GENERATE_LOCK:
+            images = run_pipeline(
+                pipe, params["prompt"], negative_prompt=params.get("negative_prompt"),
+                seed=params["seed"], steps=params["steps"], guidance_scale=params["guidance_scale"],
+                width=params["width"], height=params["height"], num_images=params["num_images"],
+                adapter=adapter_path, adapter_scale=params["adapter_scale"])
+    except SoftTimeLimitExceeded:
+        return _fail_generation(request_id, f"generation exceeded {settings.generate_time_limit_s} s", 504)
+    except (ValueError, FileNotFoundError) as exc:  # AdapterLoadError is a ValueError
+        return _fail_generation(request_id, _message(exc), 422)
+    except Exception as exc:  # noqa: BLE001
+        log.exception("generation %s failed", request_id)
+        return _fail_generation(request_id, _message(exc), 500)
+
+    out = settings.generations_dir / request_id
+    out.mkdir(parents=True, exist_ok=True)
+    encoded = []
+    for index, image in enumerate(images):
+        image.save(out / f"{index}.png")
+        encoded.append(_png_base64(image))
+    with session_scope(settings.database_url) as session:
+        session.execute(update(GenerationRequest).where(GenerationRequest.id == request_id).values(
+            status="succeeded", output_dir=str(out), finished_at=utcnow(),
+            duration_s=round(time.perf_counter() - started, 3)))
+    return {"ok": True, "images": encoded}
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+
+_EVAL_OPTIONS = ("seeds", "steps", "guidance_scale", "width", "height", "negative_prompt", "adapter_scale")
+
+
+@celery_app.task(name="worker.tasks.evaluate", bind=True, soft_time_limit=_limits.job_soft_time_limit_s,
+                 time_limit=_limits.job_time_limit_s)
+def evaluate(self, job_id: str) -> dict[str, Any]:
+    settings = get_settings()
+    lease = JobLease(settings, job_id, _worker_id(self))
+    claim = lease.claim()
+    if claim.status == "busy":
+        raise self.retry(countdown=claim.retry_in_s, max_retries=None)
+    if claim.status == "done":
+        return {"job_id": job_id, "skipped": True}
+    with session_scope(settings.database_url) as session:
+        params = dict(session.get(Job, job_id).params)
+        adapter = session.get(Adapter, params["adapter_id"])
+        target = (adapter.path, adapter.base_model) if adapter is not None else None
+
+    def on_progress(done: int, total: int) -> None:
+        lease.report({"step": done, "total": total})
+
+    with lease.heartbeat():
+        try:
+            if target is None:
+                raise FileNotFoundError("the adapter was deleted")
+            from styleinject.eval import evaluate_adapter
+
+            report = evaluate_adapter(
+                target[1], target[0], prompts=params.get("prompts"),
+                scorers=params.get("scorers") or ("clipscore",), scorer_paths=settings.scorer_paths,
+                output_dir=settings.jobs_dir / job_id, pipeline=get_pipeline(target[1]),
+                progress=on_progress, **{k: params[k] for k in _EVAL_OPTIONS if k in params})
+        except SoftTimeLimitExceeded:
+            lease.finish("failed", "time limit reached (STYLEINJECT_JOB_SOFT_TIME_LIMIT_S)")
+            return {"job_id": job_id, "status": "failed"}
+        except Exception as exc:  # noqa: BLE001
+            log.exception("evaluation %s failed", job_id)
+            lease.finish("failed", _message(exc))
+            return {"job_id": job_id, "status": "failed"}
+    if lease.lost:
+        return {"job_id": job_id, "status": "lost"}
+    overall = report["summary"]["overall"]
+    with session_scope(settings.database_url) as session:
+        if session.get(Adapter, params["adapter_id"]) is not None:
+            for metric, stats in overall.items():
+                session.add(EvalScore(adapter_id=params["adapter_id"], job_id=job_id, metric=metric,
+                                      value=float(stats["mean"]), details=stats))
+    lease.finish("succeeded", result={"summary": report["summary"], "settings": report["settings"]})
+    return {"job_id": job_id, "status": "succeeded"}
