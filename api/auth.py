@@ -60,6 +60,14 @@ def create_api_key(session: Session, tenant_name: str, name: str | None = None) 
     return key, row
 
 
+def first_start_key(session: Session) -> str | None:
+    """A key for tenant ``admin`` when the database has no key at all (a fresh embedded install)."""
+    if session.scalar(select(ApiKey.id).limit(1)) is not None:
+        return None
+    key, _ = create_api_key(session, BOOTSTRAP_TENANT, name="first start")
+    return key
+
+
 def revoke_api_key(session: Session, prefix_or_id: str) -> ApiKey | None:
     prefix = key_prefix(prefix_or_id) or prefix_or_id
     row = session.scalar(

@@ -93,6 +93,13 @@ def _serve(args) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     settings.artifact_root.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
+    first_key = None
+    if not settings.bootstrap_key:
+        from api.auth import first_start_key
+        from api.db.session import session_scope
+
+        with session_scope(settings.database_url) as session:
+            first_key = first_start_key(session)
     if not settings.base_model and not (settings.demo_model_dir / "model_index.json").is_file():
         print(f"creating the demo model in {settings.demo_model_dir} (tiny, random weights; set "
               "STYLEINJECT_BASE_MODEL for a real one)", flush=True)
@@ -147,6 +154,11 @@ def _serve(args) -> int:
           f"  docs:      {base}/docs\n  dashboard: {base}/dashboard?key=<API key>\n"
           f"  base model: {settings.resolved_base_model()}\n"
           f"  create a key: styleinject apikey create --tenant NAME --home {settings.home}", flush=True)
+    if first_key:
+        print(f"  first start: an API key for tenant 'admin' (shown only this once; keep it):\n"
+              f"    {first_key}\n"
+              f"    curl -H 'Authorization: Bearer {first_key}' {base}/jobs\n"
+              f"    {base}/dashboard?key={first_key}", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

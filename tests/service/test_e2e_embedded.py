@@ -4,6 +4,7 @@ SQLAlchemy broker, local artifacts, one real Celery worker process, demo model m
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sys
@@ -59,6 +60,11 @@ def test_serve_prints_where_things_are(embedded):
         assert needle in log
     assert (home / "models" / "demo" / "model_index.json").is_file()
     assert (home / "styleinject.db").is_file() and (home / "broker.db").is_file()
+    # a fresh install prints one working key for tenant admin, so a new user can call the API at once
+    match = re.search(r"first start: an API key .*\n\s+(si_\S+)", log)
+    assert match, log
+    with service.client(match.group(1)) as client:
+        assert client.get("/jobs").status_code == 200
 
 
 def test_embedded_train_then_generate(embedded, tmp_path):
