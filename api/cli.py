@@ -90,6 +90,7 @@ def _serve(args) -> int:
     from api.settings import get_settings
 
     settings = _settings(args)
+    _check_port_free(args.host, args.port)
     settings.home.mkdir(parents=True, exist_ok=True)
     settings.artifact_root.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
@@ -174,6 +175,21 @@ def _serve(args) -> int:
                 proc.kill()
                 proc.wait()
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before starting anything when another process (often an earlier serve) has the port."""
+    import socket
+    import sys
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            print(f"styleinject serve: error: cannot listen on {host}:{port} ({exc.strerror}); is another "
+                  "serve running? Stop it or pass --port", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def _die_with_parent() -> None:

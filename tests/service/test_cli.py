@@ -48,3 +48,17 @@ def test_styleinject_help_lists_the_service_commands():
     serve = subprocess.run([sys.executable, "-m", "styleinject.cli", "serve", "--help"], cwd=REPO,
                            capture_output=True, text=True, timeout=120, check=True).stdout
     assert "--home" in serve and "--port" in serve
+
+
+def test_serve_refuses_a_busy_port_before_touching_home(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "styleinject.cli", "serve", "--home", str(tmp_path / "home"),
+                              "--port", str(port)], cwd=REPO, env=service_env(), capture_output=True, text=True,
+                             timeout=120)
+    assert out.returncode == 2 and "cannot listen" in out.stderr and "--port" in out.stderr
+    assert not (tmp_path / "home").exists()
