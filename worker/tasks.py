@@ -87,6 +87,16 @@ def _sync_checkpoints(session, job_id: str, output_dir: Path, adapter_id: str | 
             session.add(Checkpoint(job_id=job_id, adapter_id=adapter_id, step=_checkpoint_step(p), path=path))
 
 
+def _claim(task, settings, job_id: str) -> JobLease | None:
+    """The job's lease; None when the job already finished (a redelivery is a no-op). While another
+    live worker holds the lease, the task is retried later."""
+    lease = JobLease(settings, job_id, _worker_id(task))
+    claim = lease.claim()
+    if claim.status == "busy":
+        raise task.retry(countdown=claim.retry_in_s, max_retries=None)
+    return None if claim.status == "done" else lease
+
+
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
@@ -95,11 +105,8 @@ def _folder_bytes(folder: Path) -> int:
                  time_limit=_limits.job_time_limit_s)
 def train(self, job_id: str) -> dict[str, Any]:
     settings = get_settings()
-    lease = JobLease(settings, job_id, _worker_id(self))
-    claim = lease.claim()
-    if claim.status == "busy":
-        raise self.retry(countdown=claim.retry_in_s, max_retries=None)
-    if claim.status == "done":
+    lease = _claim(self, settings, job_id)
+    if lease is None:
         return {"job_id": job_id, "skipped": True}
 
     with session_scope(settings.database_url) as session:
@@ -279,11 +286,8 @@ _EVAL_OPTIONS = ("seeds", "steps", "guidance_scale", "width", "height", "negativ
                  time_limit=_limits.job_time_limit_s)
 def evaluate(self, job_id: str) -> dict[str, Any]:
     settings = get_settings()
-    lease = JobLease(settings, job_id, _worker_id(self))
-    claim = lease.claim()
-    if claim.status == "busy":
-        raise self.retry(countdown=claim.retry_in_s, max_retries=None)
-    if claim.status == "done":
+    lease = _claim(self, settings, job_id)
+    if lease is None:
         return {"job_id": job_id, "skipped": True}
     with session_scope(settings.database_url) as session:
         params = dict(session.get(Job, job_id).params)
