@@ -9,8 +9,8 @@ import argparse
 def add_commands(subparsers) -> None:
     serve = subparsers.add_parser(
         "serve", help="API + one worker on this machine (embedded default: SQLite, no servers)",
-        description="Run migrations, create the demo model on first start (unless "
-        "STYLEINJECT_BASE_MODEL is set), start one Celery worker process and the API.")
+        description="Run migrations, start one Celery worker process and the API. Without "
+        "STYLEINJECT_BASE_MODEL the base model is the toy demo model shipped with the package.")
     _home(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -101,12 +101,10 @@ def _serve(args) -> int:
 
         with session_scope(settings.database_url) as session:
             first_key = first_start_key(session)
-    if not settings.base_model and not (settings.demo_model_dir / "model_index.json").is_file():
-        print(f"creating the demo model in {settings.demo_model_dir} (tiny, random weights; set "
-              "STYLEINJECT_BASE_MODEL for a real one)", flush=True)
-        from styleinject.testing import tiny_pipeline
-
-        tiny_pipeline(settings.demo_model_dir)
+    if not settings.base_model:
+        print(f"base model: the toy demo model ({settings.resolved_base_model()}): it draws shapes at 32 x 32, "
+              "e.g. 'two red circles on a white background'; set STYLEINJECT_BASE_MODEL to a Stable "
+              "Diffusion 1.5 hub id or folder for real images", flush=True)
     env = settings.to_env()
     env["STYLEINJECT_BASE_MODEL"] = settings.resolved_base_model()
     os.environ.update(env)  # the worker subprocess and this process see the same settings

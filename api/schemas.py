@@ -156,10 +156,13 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=4000)
     negative_prompt: str | None = Field(None, max_length=4000)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Random if unset (returned)")
-    steps: int = Field(30, ge=1, description="Bounded by STYLEINJECT_MAX_INFERENCE_STEPS")
-    guidance_scale: float = Field(7.5, ge=0, le=50)
-    width: int = Field(512, ge=64, multiple_of=8, description="Bounded by STYLEINJECT_MAX_IMAGE_SIZE")
-    height: int = Field(512, ge=64, multiple_of=8, description="Bounded by STYLEINJECT_MAX_IMAGE_SIZE")
+    steps: int | None = Field(None, ge=1, description="Default: the model's (30 unless its folder says "
+                              "otherwise). Bounded by STYLEINJECT_MAX_INFERENCE_STEPS")
+    guidance_scale: float | None = Field(None, ge=0, le=50, description="Default: the model's (7.5 unless its "
+                                         "folder says otherwise)")
+    width: int | None = Field(None, ge=8, multiple_of=8, description="Default: the model's native size (512 for "
+                              "SD 1.5, 32 for the demo model). Bounded by STYLEINJECT_MAX_IMAGE_SIZE")
+    height: int | None = Field(None, ge=8, multiple_of=8, description="Default: as width")
     num_images: int = Field(1, ge=1, description="Bounded by STYLEINJECT_MAX_NUM_IMAGES")
     adapter_id: str | None = None
     adapter_scale: float = Field(1.0, ge=-4, le=4)
@@ -172,6 +175,7 @@ class GenerateOut(BaseModel):
     width: int
     height: int
     steps: int
+    guidance_scale: float
     adapter_id: str | None = None
     adapter_scale: float
     duration_s: float | None = None
@@ -188,8 +192,8 @@ class EvaluateRequest(BaseModel):
     seeds: list[int] | None = Field(None, description="Default: the evaluator's seeds")
     steps: int | None = Field(None, ge=1, le=150)
     guidance_scale: float | None = Field(None, ge=0, le=50)
-    width: int | None = Field(None, ge=64, le=2048, multiple_of=8)
-    height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    width: int | None = Field(None, ge=8, le=2048, multiple_of=8)
+    height: int | None = Field(None, ge=8, le=2048, multiple_of=8)
     negative_prompt: str | None = None
     adapter_scale: float | None = Field(None, ge=-4, le=4)
 

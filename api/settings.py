@@ -93,12 +93,13 @@ class Settings(BaseSettings):
     def generations_dir(self) -> Path:
         return self.artifact_root / "generations"
 
-    @property
-    def demo_model_dir(self) -> Path:
-        return self.home / "models" / "demo"
-
     def resolved_base_model(self) -> str:
-        return self.base_model or str(self.demo_model_dir)
+        """STYLEINJECT_BASE_MODEL, else the demo model shipped with the package (the toy base)."""
+        if self.base_model:
+            return self.base_model
+        from styleinject.assets import TOY_BASE
+
+        return str(TOY_BASE)
 
     def to_env(self) -> dict[str, str]:
         """The environment that makes a child process (worker, alembic) see these settings."""

@@ -23,17 +23,20 @@ def add_generate(subparsers) -> None:
         description="Generate images from a Stable Diffusion pipeline (hub id or local folder) with "
                     "Euler Ancestral sampling. Without --adapter the image equals diffusers' own.")
     p.add_argument("--base-model", default=os.environ.get("STYLEINJECT_BASE_MODEL"),
-                   help="diffusers pipeline: hub id or local folder (default: $STYLEINJECT_BASE_MODEL)")
+                   help="diffusers pipeline: hub id or local folder (default: $STYLEINJECT_BASE_MODEL, else "
+                        "the toy demo model shipped with the package, which draws shapes at 32 x 32)")
     p.add_argument("--adapter", help="adapter folder written by training or save_adapter")
     p.add_argument("--adapter-scale", type=float, default=1.0,
                    help="multiplies the adapter's effect; 0 = base model (default: 1.0)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seed", type=int, default=0, help="default: 0")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="default: 7.5")
-    p.add_argument("--width", type=int, default=512, help="multiple of 8 (default: 512)")
-    p.add_argument("--height", type=int, default=512, help="multiple of 8 (default: 512)")
+    model_default = "the model's generation_defaults.json, else"
+    p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default: {model_default} 30)")
+    p.add_argument("--guidance-scale", type=float, default=None, help=f"default: {model_default} 7.5")
+    p.add_argument("--width", type=int, default=None,
+                   help=f"multiple of 8 (default: {model_default} the UNet's native size, 512 for SD 1.5)")
+    p.add_argument("--height", type=int, default=None, help="multiple of 8 (default: as --width)")
     p.add_argument("--num-images", type=int, default=1, help="default: 1")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
@@ -47,10 +50,12 @@ def run_generate(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from styleinject.pipeline import generate, load_pipeline
+    from styleinject.pipeline import generate, generation_defaults, load_pipeline
 
     if not args.base_model:
-        raise UserError("--base-model is required (or set STYLEINJECT_BASE_MODEL)")
+        from styleinject.assets import TOY_BASE
+
+        args.base_model = str(TOY_BASE)
     if args.output.suffix.lower() != ".png":
         raise UserError(f"--output {args.output}: give a .png file name")
     if args.adapter and not Path(args.adapter).is_dir():
@@ -59,7 +64,7 @@ def run_generate(args) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     pipe = load_pipeline(args.base_model, device=args.device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    with tqdm(total=args.steps, desc="denoising", unit="step") as bar:
+    with tqdm(total=args.steps or generation_defaults(pipe)["steps"], desc="denoising", unit="step") as bar:
         images = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                           steps=args.steps, guidance_scale=args.guidance_scale, width=args.width,
                           height=args.height, num_images=args.num_images, adapter=args.adapter,

@@ -1,7 +1,14 @@
-"""Load a diffusers Stable Diffusion pipeline and generate with Euler Ancestral sampling."""
+"""Load a diffusers Stable Diffusion pipeline and generate with Euler Ancestral sampling.
+
+Sampling settings left unset (``None``) come from the model: a local pipeline folder may hold
+``generation_defaults.json`` (keys ``steps``, ``guidance_scale``, ``width``, ``height``; the toy
+base model ships one, it draws at 32 x 32 with guidance 4); otherwise 30 steps, guidance 7.5 and the
+UNet's native size (``sample_size`` x the VAE's scale factor: 512 for Stable Diffusion 1.5).
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -13,6 +20,8 @@ from styleinject.adapters import list_adapters, mixed_adapters, set_adapter, set
 from styleinject.adapters.bank import AdapterBank
 
 MAX_SIDE = 2048
+DEFAULTS_FILE = "generation_defaults.json"
+_DEFAULT_KEYS = {"steps": int, "guidance_scale": float, "width": int, "height": int}
 
 
 def load_pipeline(base_model: str | Path, device: str | torch.device | None = None,
@@ -38,7 +47,34 @@ def load_pipeline(base_model: str | Path, device: str | torch.device | None = No
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.to(device)
     pipe.unet.eval()
+    pipe._styleinject_defaults = read_generation_defaults(local) if local.exists() else {}
     return pipe
+
+
+def read_generation_defaults(folder: str | Path) -> dict:
+    """The sampling settings a model folder recommends (``generation_defaults.json``), checked."""
+    path = Path(folder) / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); fix or delete the file") from None
+    if not isinstance(data, dict) or set(data) - set(_DEFAULT_KEYS):
+        raise ValueError(f"{path}: expected an object with keys among {sorted(_DEFAULT_KEYS)}")
+    for key, kind in _DEFAULT_KEYS.items():
+        if key in data and (isinstance(data[key], bool) or not isinstance(data[key], (int, float))
+                            or data[key] <= 0 or (kind is int and data[key] != int(data[key]))):
+            raise ValueError(f"{path}: {key} must be a positive {kind.__name__}, got {data[key]!r}")
+    return {key: _DEFAULT_KEYS[key](value) for key, value in data.items()}
+
+
+def generation_defaults(pipe) -> dict:
+    """steps, guidance_scale, width and height used when ``generate`` is given None."""
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = native[0] if isinstance(native, (list, tuple)) else native
+    return {"steps": 30, "guidance_scale": 7.5, "width": int(native), "height": int(native),
+            **getattr(pipe, "_styleinject_defaults", {})}
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
@@ -58,8 +94,8 @@ def adapter_bank(pipe) -> AdapterBank:
 
 
 def generate(pipe, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
-             seed: int = 0, steps: int = 30, guidance_scale: float = 7.5, width: int = 512,
-             height: int = 512, num_images: int = 1,
+             seed: int = 0, steps: int | None = None, guidance_scale: float | None = None,
+             width: int | None = None, height: int | None = None, num_images: int = 1,
              adapter: str | Path | list[str | Path | None] | None = None,
              adapter_scale: float | list[float] = 1.0,
              progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
@@ -69,10 +105,16 @@ def generate(pipe, prompt: str | list[str], *, negative_prompt: str | list[str] 
     ``pipe.unet``; ``None`` runs the base model, giving exactly diffusers' image for the same seed.
     A list of folders (``None`` entries allowed), one per prompt, runs a mixed batch: each prompt
     with its own adapter (and ``adapter_scale`` may then be a list too).
-    ``progress(step, total)`` is called after every denoising step.
+    ``progress(step, total)`` is called after every denoising step. ``steps``, ``guidance_scale``,
+    ``width`` and ``height`` left None take ``generation_defaults(pipe)``.
     """
     from diffusers import EulerAncestralDiscreteScheduler
 
+    defaults = generation_defaults(pipe)
+    steps = defaults["steps"] if steps is None else steps
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    width = defaults["width"] if width is None else width
+    height = defaults["height"] if height is None else height
     _check_size(width, height, pipe.vae_scale_factor)
     if steps < 1 or num_images < 1:
         raise ValueError(f"steps and num_images must be >= 1 (got {steps}, {num_images})")

@@ -1,4 +1,4 @@
-"""A tiny, random, fully offline Stable Diffusion pipeline for tests, demos and the embedded default.
+"""A tiny, random, fully offline Stable Diffusion pipeline for tests.
 
 It is written in the standard diffusers folder format and read back through the same
 ``from_pretrained`` path as a real checkpoint, so nothing in the code under test is special-cased.

@@ -136,3 +136,46 @@ def test_mixed_batch_generation(pipe, tiny_pipeline_path, tmp_path):
     assert np.array_equal(base, _px(generate(pipe, prompts, num_images=2, **KW)))
     with pytest.raises(ValueError, match="one per prompt"):
         generate(pipe, prompts, adapter=[one], **KW)
+
+
+def test_unset_options_take_the_model_folders_generation_defaults(tiny_pipeline_path, tmp_path):
+    import json
+    import shutil
+
+    from styleinject.pipeline import DEFAULTS_FILE, generation_defaults
+
+    plain = load_pipeline(tiny_pipeline_path, device="cpu")
+    # no defaults file: 30 steps, guidance 7.5, the native size (sample_size x VAE factor)
+    native = plain.unet.config.sample_size * plain.vae_scale_factor
+    assert generation_defaults(plain) == {"steps": 30, "guidance_scale": 7.5, "width": native, "height": native}
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_path, folder)
+    (folder / DEFAULTS_FILE).write_text(json.dumps({"steps": 2, "guidance_scale": 3.0, "width": 32, "height": 48}))
+    pipe = load_pipeline(folder, device="cpu")
+    got = generate(pipe, "a red square", seed=5)
+    want = generate(plain, "a red square", seed=5, steps=2, guidance_scale=3.0, width=32, height=48)
+    assert got[0].size == (32, 48)
+    assert (_px(got) == _px(want)).all()
+    # an explicit value still wins over the file
+    assert generate(pipe, "a red square", seed=5, width=40, height=40)[0].size == (40, 40)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "not valid JSON"),
+    ('{"steps": "many"}', "steps must be a positive int"),
+    ('{"steps": 2.5}', "steps must be a positive int"),
+    ('{"guidance_scale": -1}', "guidance_scale must be a positive float"),
+    ('{"sampler": "ddim"}', "expected an object with keys among"),
+])
+def test_a_bad_generation_defaults_file_is_named_in_the_error(tiny_pipeline_path, tmp_path, content, needle):
+    import shutil
+
+    from styleinject.pipeline import DEFAULTS_FILE
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_path, folder)
+    (folder / DEFAULTS_FILE).write_text(content)
+    with pytest.raises(ValueError, match=needle) as info:
+        load_pipeline(folder, device="cpu")
+    assert str(folder / DEFAULTS_FILE) in str(info.value)

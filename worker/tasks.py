@@ -248,8 +248,17 @@ def generate(self, request_id: str) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         from styleinject.pipeline import generate as run_pipeline
+        from styleinject.pipeline import generation_defaults
 
         pipe = get_pipeline(base_model)
+        # unset sampling options take the model's defaults; the resolved values go back to the client
+        resolved = {key: value if params.get(key) is None else params[key]
+                    for key, value in generation_defaults(pipe).items()}
+        if max(resolved["width"], resolved["height"]) > settings.max_image_size:
+            return _fail_generation(request_id, f"the model's default size {resolved['width']}x{resolved['height']} "
+                                    f"exceeds STYLEINJECT_MAX_IMAGE_SIZE={settings.max_image_size}; pass width "
+                                    "and height", 422)
+        params.update(resolved)
         with _GENERATE_LOCK:
             images = run_pipeline(
                 pipe, params["prompt"], negative_prompt=params.get("negative_prompt"),
@@ -274,7 +283,7 @@ def generate(self, request_id: str) -> dict[str, Any]:
         session.execute(update(GenerationRequest).where(GenerationRequest.id == request_id).values(
             status="succeeded", output_dir=str(out), finished_at=utcnow(),
             duration_s=round(time.perf_counter() - started, 3)))
-    return {"ok": True, "images": encoded}
+    return {"ok": True, "images": encoded, **resolved}
 
 
 # -- evaluation -------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def create_generation(
         ("num_images", body.num_images, settings.max_num_images, "STYLEINJECT_MAX_NUM_IMAGES"),
     ]
     for name, value, limit, env in limits:
-        if value > limit:
+        if value is not None and value > limit:
             raise HTTPException(422, f"{name} must be <= {limit} on this server ({env})")
     if body.adapter_id is not None:
         get_owned(session, Adapter, body.adapter_id, tenant)
@@ -66,9 +66,10 @@ def create_generation(
         id=request.id,
         images=outcome["images"],
         seed=params["seed"],
-        width=body.width,
-        height=body.height,
-        steps=body.steps,
+        width=outcome["width"],
+        height=outcome["height"],
+        steps=outcome["steps"],
+        guidance_scale=outcome["guidance_scale"],
         adapter_id=body.adapter_id,
         adapter_scale=body.adapter_scale,
         duration_s=request.duration_s,

@@ -27,9 +27,12 @@ def add_commands(subparsers) -> None:
                    help="keep the first N prompts of each category")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="keep the first N prompts overall")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="default: 0 1 2 3")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="default: 7.5")
-    p.add_argument("--resolution", type=int, default=512, help="image width and height (default: 512)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the model's generation_defaults.json, else 30)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="default: the model's generation_defaults.json, else 7.5")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image width and height (default: the model's; 512 for SD 1.5)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--scorer", nargs="+", action="extend", choices=SCORER_CHOICES, dest="scorers",
                    metavar="NAME", help="one or more of clipscore, pickscore, imagereward (default: clipscore)")

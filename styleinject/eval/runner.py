@@ -136,10 +136,10 @@ def evaluate_adapter(
     *,
     prompts: Sequence[Prompt | str | dict] | str | Path | None = None,
     seeds: Sequence[int] = DEFAULT_SEEDS,
-    steps: int = 30,
-    guidance_scale: float = 7.5,
-    width: int = 512,
-    height: int = 512,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
     negative_prompt: str | None = None,
     adapter_scale: float = 1.0,
     scorers: Iterable[str | Scorer] = ("clipscore",),
@@ -160,9 +160,10 @@ def evaluate_adapter(
     prompts: None (the packaged 198-prompt suite), a prompt file, or a list of Prompt/str/dict.
     scorers: names ("clipscore", "pickscore", "imagereward") or Scorer instances; weights come from
     `scorer_paths` (keys SCORER_PATH_KEYS, values hub ids or local folders; missing = defaults).
+    steps, guidance_scale, width, height: None takes the model's (``pipeline.generation_defaults``).
     progress(done, total) is called after each generated sample. Returns the report (also report.json).
     """
-    from styleinject.pipeline import generate, load_pipeline
+    from styleinject.pipeline import generate, generation_defaults, load_pipeline
 
     prompt_list = _normalise_prompts(prompts)
     seeds = [int(s) for s in seeds]
@@ -184,6 +185,11 @@ def evaluate_adapter(
         pipeline = load_pipeline(base_model, device=device, dtype=dtype)
     if hasattr(pipeline, "set_progress_bar_config"):
         pipeline.set_progress_bar_config(disable=True)
+    defaults = generation_defaults(pipeline)  # unset options: the model's (recorded in the report)
+    steps = defaults["steps"] if steps is None else steps
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    width = defaults["width"] if width is None else width
+    height = defaults["height"] if height is None else height
     if out is not None:
         (out / "images" if save_images else out).mkdir(parents=True, exist_ok=True)
 

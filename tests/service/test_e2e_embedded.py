@@ -1,5 +1,5 @@
 """Embedded default over HTTP: `styleinject serve --home tmp --port N` as a subprocess (SQLite,
-SQLAlchemy broker, local artifacts, one real Celery worker process, demo model made on first start)."""
+SQLAlchemy broker, local artifacts, one real Celery worker process, the packaged toy demo model)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from styleinject.assets import TOY_BASE
 from tests.service.conftest import (
     TINY_TRAIN,
     Proc,
     Service,
+    decode_png,
     free_port,
     run_cli,
     service_env,
@@ -41,7 +43,7 @@ def embedded(tmp_path_factory):
     home = root / "home"
     logs = root / "logs"
     logs.mkdir()
-    # no STYLEINJECT_BASE_MODEL: the demo model is made on first start
+    # no STYLEINJECT_BASE_MODEL: the base model is the toy demo model shipped with the package
     env = service_env(progress_interval_s=0.2, lease_ttl_s=5)
     port = free_port()
     serve = Proc("serve", [*_styleinject(), "serve", "--home", str(home), "--port", str(port)], env, logs)
@@ -58,7 +60,7 @@ def test_serve_prints_where_things_are(embedded):
     log = service.procs[0].log_tail(20000)
     for needle in (service.base_url, f"{service.base_url}/docs", f"{service.base_url}/dashboard"):
         assert needle in log
-    assert (home / "models" / "demo" / "model_index.json").is_file()
+    assert "base model: the toy demo model" in log
     assert (home / "styleinject.db").is_file() and (home / "broker.db").is_file()
     # a fresh install prints one working key for tenant admin, so a new user can call the API at once
     match = re.search(r"first start: an API key .*\n\s+(si_\S+)", log)
@@ -71,7 +73,7 @@ def test_embedded_train_then_generate(embedded, tmp_path):
     service, key, home = embedded
     with service.client(key) as client:
         flow = train_and_generate(service, client, tmp_path)
-    assert flow["adapter"]["base_model"] == str(home / "models" / "demo")
+    assert flow["adapter"]["base_model"] == str(TOY_BASE)
     assert Path(service.artifact_root / "jobs" / flow["job"]["id"] / "adapter_model.safetensors").is_file()
 
     # the dashboard: key once in the URL -> cookie -> HTML with the job and the adapter
@@ -81,6 +83,21 @@ def test_embedded_train_then_generate(embedded, tmp_path):
         assert flow["job"]["id"] in response.text and flow["adapter"]["id"] in response.text
         assert key not in str(response.url)
     assert httpx.get(f"{service.base_url}/dashboard").status_code == 401
+
+
+def test_first_generate_uses_the_demo_models_own_defaults(embedded):
+    """A new user's first call, prompt only: the demo model's size (32 x 32) and guidance (4), and
+    the response says which values were used."""
+    service, key, _ = embedded
+    with service.client(key) as client:
+        response = client.post("/generate", json={"prompt": "two red circles on a white background", "seed": 1})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert (body["width"], body["height"], body["steps"], body["guidance_scale"]) == (32, 32, 30, 4.0)
+        assert decode_png(body["images"][0]).shape == (32, 32, 3)
+        # asking for more than the server allows is still refused before any work is queued
+        response = client.post("/generate", json={"prompt": "x", "width": 4096, "height": 32})
+        assert response.status_code == 422 and "STYLEINJECT_MAX_IMAGE_SIZE" in response.text
 
 
 def _children(pid: int) -> list[int]:

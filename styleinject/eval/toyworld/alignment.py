@@ -5,9 +5,11 @@ the attribute checker reads shape, colour and count off every image and the toy 
 CLIPScore. Per seed: accuracy over the prompts; reported: mean and 95% confidence interval over
 the seeds (t distribution, ``styleinject.eval.runner.mean_ci``), plus references: the checker on the
 rendered scenes themselves, on their VAE round trip (the ceiling for generated images) and chance. ``style`` is the fraction of images the checker
-reads as the target style (``--style``; "none" for the base model).
+reads as the target style (``--style``; "none" for the base model). ``style_dist`` is the style
+strength as a distance: the mean L2 distance between low-order statistics of each image (``style_stats``)
+and those of the same scene rendered in the target style (lower is closer to the style).
 
-    python -m styleinject.eval.toyworld.alignment --model models/toy-base --out runs/toy-base-alignment
+    python -m styleinject.eval.toyworld.alignment --model styleinject/assets/toy-base --out runs/toy-base-alignment
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from styleinject.assets import TOY_BASE
 
 from ..runner import mean_ci
 from .checker import CHANCE, correct, load_checker
@@ -36,6 +40,23 @@ def grid(images: list[Image.Image], cols: int, scale: int = 3) -> Image.Image:
     for i, im in enumerate(images):
         out.paste(im, ((i % cols) * w, (i // cols) * h))
     return out.resize((cols * w * scale, rows * h * scale), Image.NEAREST)
+
+
+def style_stats(images) -> np.ndarray:
+    """Per image: RGB mean, RGB std and the mean absolute difference along both diagonals and
+    both axes, in [0, 1] units: the palette, contrast and texture statistics the styles change."""
+    feats = []
+    for im in images:
+        a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 if isinstance(im, Image.Image) \
+            else (im.detach().float().permute(1, 2, 0).numpy() + 1) / 2
+        diffs = [np.abs(a[1:, 1:] - a[:-1, :-1]).mean(), np.abs(a[1:, :-1] - a[:-1, 1:]).mean(),
+                 np.abs(a[1:] - a[:-1]).mean(), np.abs(a[:, 1:] - a[:, :-1]).mean()]
+        feats.append(np.concatenate([a.mean(axis=(0, 1)), a.std(axis=(0, 1)), np.array(diffs)]))
+    return np.stack(feats)
+
+
+def style_distance(images, references) -> float:
+    return float(np.linalg.norm(style_stats(images) - style_stats(references), axis=1).mean())
 
 
 def generate_scenes(pipe, scenes, *, seed: int, steps: int, guidance: float, adapter=None, batch: int = 50,
@@ -64,6 +85,7 @@ def evaluate_alignment(model: str, checker: str, clip: str | None = None, *, n: 
         scorer = CLIPScorer(model=clip, device="cpu")
     scenes = [scene_at(PROMPT_SEED, i) for i in range(n)]
     captions = [caption(s) for s in scenes]
+    rendered = [apply_style(render(s), style) for s in scenes]
     per_seed: dict[str, list[float]] = {}
     first_images = None
     for seed in seeds:
@@ -72,9 +94,9 @@ def evaluate_alignment(model: str, checker: str, clip: str | None = None, *, n: 
         first_images = first_images or images
         for k, v in correct(chk, images, scenes, style).items():
             per_seed.setdefault(k, []).append(float(np.mean(v)))
+        per_seed.setdefault("style_dist", []).append(style_distance(images, rendered))
         if scorer is not None:
             per_seed.setdefault("clipscore", []).append(float(np.mean(scorer.score(images, captions))))
-    rendered = [apply_style(render(s), style) for s in scenes]
     reference = {k: float(np.mean(v)) for k, v in correct(chk, rendered, scenes, style).items()}
     if scorer is not None:
         reference["clipscore"] = float(np.mean(scorer.score(rendered, captions)))
@@ -88,6 +110,9 @@ def evaluate_alignment(model: str, checker: str, clip: str | None = None, *, n: 
         vae = pipe.vae
         rt = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     vae_rt = {k: float(np.mean(v)) for k, v in correct(chk, rt, scenes, style).items()}
+    vae_rt["style_dist"] = style_distance(list(rt), rendered)
+    reference["style_dist"] = 0.0
+    reference["style_dist_unstyled"] = style_distance([render(s) for s in scenes], rendered)
     report = {"vae_roundtrip_reference": vae_rt, "model": str(model), "adapter": str(adapter) if adapter else None, "n_prompts": n,
               "seeds": list(seeds), "style": style, "steps": steps, "guidance": guidance, "prompt_world_seed": PROMPT_SEED,
               "per_seed": per_seed, "summary": {k: mean_ci(v) for k, v in per_seed.items()},
@@ -106,7 +131,7 @@ def evaluate_alignment(model: str, checker: str, clip: str | None = None, *, n: 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Attribute accuracy / CLIPScore of a toy-world model.")
-    p.add_argument("--model", default="models/toy-base")
+    p.add_argument("--model", default=str(TOY_BASE))
     p.add_argument("--checker", default="models/toy-checker")
     p.add_argument("--clip", default="models/toy-clip")
     p.add_argument("--adapter", default=None)

@@ -21,13 +21,13 @@ Weights are an exponential moving average (decay 0.999) of the trained ones. The
 rewritten every ``--checkpoint-minutes`` (write to a temporary folder, then rename), so an
 interrupted run leaves a usable model.
 
-    python -m styleinject.eval.toyworld.base --out models/toy-base --minutes 25
+    python -m styleinject.eval.toyworld.base --out styleinject/assets/toy-base --minutes 25
 
 The "community teacher" for distillation is the base fully fine-tuned on one style: the same loop
 started from the base (``--init``), VAE and text encoder frozen (shared with the student), every
 UNet weight trained on styled renders:
 
-    python -m styleinject.eval.toyworld.base --init models/toy-base --style stripes \
+    python -m styleinject.eval.toyworld.base --init styleinject/assets/toy-base --style stripes \
         --out models/toy-teacher-stripes --steps 600 --lr 2e-4
 """
 
@@ -45,12 +45,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from styleinject.pipeline import DEFAULTS_FILE
+
 from .render import DEFAULT_RESOLUTION, caption, render, scene_at
 from .styles import STYLES, apply_style
 from .text import MAX_LENGTH, toy_tokenizer
 
 TRAIN_SEED = 0        # world seed of the training scenes
 CFG_DROP = 0.1
+# checked by alignment.py: guidance 4 and 30 Euler Ancestral steps at the training resolution
+GENERATION_DEFAULTS = {"steps": 30, "guidance_scale": 4.0, "width": DEFAULT_RESOLUTION, "height": DEFAULT_RESOLUTION}
 
 
 def build_components(seed: int = 0, text_dim: int = 64) -> dict:
@@ -107,6 +111,8 @@ def save_pipeline(components: dict, out: Path) -> None:
     pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
+    # how this model is meant to be sampled (read by styleinject.pipeline when an option is unset)
+    (tmp / DEFAULTS_FILE).write_text(json.dumps(GENERATION_DEFAULTS, indent=2, sort_keys=True) + "\n")
     old = out.with_name(out.name + ".old")
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -157,7 +163,7 @@ def encode_all(vae, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Pretrain the toy-world base text-to-image model.")
-    p.add_argument("--out", default="models/toy-base")
+    p.add_argument("--out", default="styleinject/assets/toy-base")
     p.add_argument("--minutes", type=float, default=25.0,
                    help="wall-time budget of the UNet phase when --steps is not given (steps are then "
                         "estimated from the speed of the first steps and written to train_config.json)")

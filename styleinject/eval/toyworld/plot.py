@@ -45,6 +45,22 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], path: str | Pa
     return path
 
 
+def curve_plot(results: dict, path: str | Path) -> list[Path]:
+    """Alignment (attribute accuracy, all three right) and style accuracy over training, mean over
+    seeds, from an experiments.py ``long`` result; step 0 is the base model without adapter."""
+    base = results["base_model_no_adapter"]
+    written = []
+    for metric, label, suffix in (("all", "attribute acc (all)", ""), ("style", "style acc", "-style")):
+        series = {name: ([0.0] + [c["step"] for c in t["curve"]],
+                         [base[metric]["mean"]] + [c[metric]["mean"] for c in t["curve"]])
+                  for name, t in results["table"].items() if t.get("curve")}
+        out = Path(path)
+        written.append(line_plot(series, out.with_name(out.stem + suffix + out.suffix),
+                                 f"{results['style']}, lr {results['lr']}: {label}, mean of seeds {results['seeds']}",
+                                 ylabel=label))
+    return written
+
+
 def read_log(path: str | Path, smooth: int = 5) -> tuple[list[float], list[float]]:
     """(steps, loss) from a base.py log ("step N/M loss L"), moving average over ``smooth`` points."""
     steps, losses = [], []
