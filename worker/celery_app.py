@@ -9,6 +9,7 @@ from __future__ import annotations
 from celery import Celery
 
 from api.settings import Settings, get_settings
+from worker import time_limits  # noqa: F401 - connects the solo-pool soft time limits
 
 TRAIN_QUEUE = "train"
 GENERATE_QUEUE = "generate"

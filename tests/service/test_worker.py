@@ -206,3 +206,47 @@ def test_concurrent_generations_for_different_adapters_never_mix(settings, tiny_
         together = list(pool.map(run, order))
     for name, image in zip(order, together):
         assert np.array_equal(image, alone[name]), f"request for {name} saw another adapter's weights"
+
+
+def test_soft_time_limit_is_enforced_outside_prefork(settings, tiny_model, monkeypatch):
+    """A solo-pool worker (the embedded default) runs tasks in its main thread, where Celery itself
+    ignores time limits: the task_prerun timer stops a generation that overruns with the 504 the
+    prefork pool would give, and a task within its limit leaves no timer behind."""
+    import signal
+
+    from api.db.models import GenerationRequest
+    from tests.service.conftest import TINY_GENERATE
+    from worker import tasks, time_limits
+
+    monkeypatch.setenv("STYLEINJECT_BASE_MODEL", str(tiny_model))
+    get_settings.cache_clear()
+    with session_scope(settings.database_url) as session:
+        tenant_id = get_or_create_tenant(session, "t").id
+
+    def request(**params) -> str:
+        with session_scope(settings.database_url) as session:
+            row = GenerationRequest(tenant_id=tenant_id, params={
+                **TINY_GENERATE, "negative_prompt": None, "num_images": 1, "adapter_scale": 1.0,
+                "adapter_id": None, **params})
+            session.add(row)
+            session.flush()
+            return row.id
+
+    tasks.get_pipeline(str(tiny_model))  # loaded before the clock starts
+    assert time_limits.applies()
+    monkeypatch.setattr(tasks.generate, "soft_time_limit", 0.5)
+    started = time.monotonic()
+    slow = tasks.generate.apply(args=[request(steps=150, width=256, height=256)]).get()
+    assert time.monotonic() - started < 30
+    assert slow["ok"] is False and slow["status_code"] == 504, slow
+    with session_scope(settings.database_url) as session:
+        rows = session.query(GenerationRequest).all()
+        assert rows[0].status == "failed" and "exceeded" in rows[0].error
+
+    monkeypatch.setattr(tasks.generate, "soft_time_limit", 60)
+    fast = tasks.generate.apply(args=[request()]).get()
+    assert fast["ok"] is True
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # disarmed after the task
+
+    monkeypatch.setitem(time_limits._state, "prefork_child", True)  # billiard's own timers apply there
+    assert not time_limits.applies()
