@@ -90,7 +90,7 @@ def run_eval(args) -> int:
         _check_path("--" + flag.replace("_", "-"), getattr(args, flag))
     scorers = list(dict.fromkeys(args.scorers or ["clipscore"]))
     _check_path("--imagereward-model", args.imagereward_model, kind="file or folder")
-    if args.resolution % 8 or args.resolution < 8:
+    if args.resolution is not None and (args.resolution % 8 or args.resolution < 8):
         raise UserError(f"--resolution {args.resolution}: give a multiple of 8")
 
     import torch
