@@ -18,7 +18,8 @@ steps, for the alignment-over-training curve (the paper's Fig. 10).
 A run is cached under ``<root>/cache/<key>`` (the key hashes everything that defines it), so
 experiments that share a variant (the paper's StyleInject is in most of them) train it once, and an
 interrupted experiment picks up where it stopped.
-Results: ``<root>/<experiment>-<style>[-convs]/results.json`` and ``table.md``.
+Results: ``<root>/<experiment>-<style>[-convs]/results.json`` and ``table.md``; ``table RESULTS_JSON``
+reprints the tables of a saved results.json (after a change to the table format, for example).
 """
 
 from __future__ import annotations
@@ -182,6 +183,27 @@ def run(experiment: str, *, model: str, checker: str, clip: str, style: str, see
 METRICS = ("style", "style_dist", "all", "clipscore", "final_loss")
 
 
+def paired_differences(rows: list[dict], metrics=("style", "style_dist", "all", "clipscore")) -> dict:
+    """Per variant, mean_ci of (variant - first variant) over the seeds both ran.
+
+    Seeds vary far more than variants here (a seed fixes the data order, the noise and the sampling
+    seeds for every variant alike), so pairing by seed removes the shared part of that variation.
+    """
+    by_variant: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], {})[r["seed"]] = r
+    if len(by_variant) < 2:
+        return {}
+    ref_name, ref = next(iter(by_variant.items()))
+    out = {}
+    for name, mine in by_variant.items():
+        seeds = sorted(set(mine) & set(ref))
+        if name == ref_name or not seeds:
+            continue
+        out[name] = {k: mean_ci([mine[s][k] - ref[s][k] for s in seeds]) for k in metrics}
+    return out
+
+
 def _fmt(s: dict, digits: int = 3) -> str:
     if s["ci95"] is None:
         return f"{s['mean']:.{digits}f}"
@@ -205,6 +227,16 @@ def markdown_table(results: dict) -> str:
     b = results["base_model_no_adapter"]
     lines.append(f"| base model, no adapter | 0 | {_fmt(b['style'])} | {_fmt(b['style_dist'])} | {_fmt(b['all'])} | "
                  f"{_fmt(b['clipscore'], 1)} | | |")
+    paired = paired_differences(results["rows"])
+    if paired:
+        ref = next(iter(results["table"]))
+        lines += ["", f"Paired differences against **{ref}** (variant minus reference, per training seed: the "
+                  "same seed gives both the same data order, noise and sampling seeds; mean ± 95% CI over seeds; "
+                  "an interval that excludes 0 is a difference this experiment resolves):", "",
+                  "| variant | Δ style acc | Δ style dist | Δ attribute acc (all) | Δ toy CLIPScore |", "|---|---|---|---|---|"]
+        for name, d in paired.items():
+            lines.append(f"| {name} | {_fmt(d['style'])} | {_fmt(d['style_dist'])} | {_fmt(d['all'])} | "
+                         f"{_fmt(d['clipscore'], 1)} |")
     curves = {n: t["curve"] for n, t in results["table"].items() if t.get("curve")}
     if curves:
         lines += ["", "Over training (attribute acc all / style acc / toy CLIPScore):", "",
@@ -218,7 +250,9 @@ def markdown_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Toy-world StyleInject vs LoRA experiments.")
-    p.add_argument("experiment", choices=("equal-params", "ablation", "n-sweep", "distill", "long"))
+    p.add_argument("experiment", choices=("equal-params", "ablation", "n-sweep", "distill", "long", "table"),
+                   help="the experiment to run, or 'table' to reprint the tables of an earlier results.json")
+    p.add_argument("results", nargs="?", help="table: the results.json an experiment wrote")
     p.add_argument("--convs", action="store_true", help="also adapt the resnet conv1/conv2 in every variant")
     p.add_argument("--curve-every", type=int, default=0,
                    help="long: score a checkpoint every N steps (default: steps / 4)")
@@ -236,6 +270,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--root", default="runs/experiments")
     a = p.parse_args(argv)
+    if a.experiment == "table":
+        if not a.results:
+            p.error("table needs the results.json to print, e.g. `table docs/results/ablation-stripes-convs.json`")
+        try:
+            print(markdown_table(json.loads(Path(a.results).read_text())), end="")
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"{a.results} is not an experiment's results.json ({e!r})")
+        return
     torch.set_num_threads(a.threads)
     r = run(a.experiment, model=a.model, checker=a.checker, clip=a.clip, style=a.style, seeds=a.seeds,
             steps=a.steps, lr=a.lr, batch_size=a.batch_size, n_eval=a.n_eval, root=Path(a.root),

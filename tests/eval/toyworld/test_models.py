@@ -4,6 +4,7 @@ formats the pipeline and the CLIPScore scorer load, alignment report end to end.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,7 +95,8 @@ def test_experiment_runs_end_to_end(tmp_path, tiny_base, tiny_checker, tiny_clip
     paper = table["styleinject r32 n16 (paper)"]["params"]
     assert abs(lora_eq - paper) / paper < 0.05
     assert table["lora r512 (paper's LoRA)"]["params"] == 16 * table["lora r32 (paper rank)"]["params"]
-    assert "| base model, no adapter |" in (tmp_path / "equal-params-stripes" / "table.md").read_text()
+    md = (tmp_path / "equal-params-stripes" / "table.md").read_text()
+    assert "| base model, no adapter |" in md and "Paired differences against **styleinject r32 n16" in md
 
     # the ablation shares the paper's StyleInject run through the cache instead of training it again
     logs = []
@@ -105,6 +107,37 @@ def test_experiment_runs_end_to_end(tmp_path, tiny_base, tiny_checker, tiny_clip
     assert any(line.startswith("cached: DMA+STA seed 0") for line in logs), logs
     assert again["rows"][0]["run"] == results["rows"][0]["run"]
     assert again["rows"][0]["all"] == results["rows"][0]["all"]
+
+
+def test_paired_differences_subtract_the_reference_seed_by_seed():
+    from styleinject.eval.toyworld.experiments import paired_differences
+
+    def row(variant, seed, v):
+        return {"variant": variant, "seed": seed, "style": v, "style_dist": -v, "all": v, "clipscore": 10 * v}
+
+    # a seed effect of +-0.3 shared by both variants, and a constant +0.1 difference
+    rows = [row("ref", s, 0.3 * (s - 1)) for s in range(3)] + [row("b", s, 0.3 * (s - 1) + 0.1) for s in range(3)]
+    rows.append(row("only seed 0", 0, 0.5))
+    d = paired_differences(rows)
+    assert set(d) == {"b", "only seed 0"}
+    assert d["b"]["style"]["mean"] == pytest.approx(0.1) and d["b"]["style"]["ci95"] == pytest.approx(0, abs=1e-12)
+    assert d["b"]["style_dist"]["mean"] == pytest.approx(-0.1) and d["b"]["clipscore"]["mean"] == pytest.approx(1.0)
+    assert d["only seed 0"]["all"]["n"] == 1 and d["only seed 0"]["all"]["mean"] == pytest.approx(0.8)
+    assert paired_differences(rows[:3]) == {}
+
+
+def test_table_reprints_a_saved_results_file_and_rejects_other_files(tmp_path, capsys):
+    from styleinject.eval.toyworld.experiments import main
+
+    saved = Path(__file__).parents[3] / "docs" / "results" / "equal-params-stripes-convs.json"
+    main(["table", str(saved)])
+    out = capsys.readouterr().out
+    assert "| lora r512 + convs (paper's LoRA) | 6,045,696 |" in out and "Paired differences" in out
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["table", str(bad)])
+    assert "is not an experiment's results.json" in capsys.readouterr().err
 
 
 def test_long_experiment_scores_checkpoints_over_training(tmp_path, tiny_base, tiny_checker, tiny_clip):
