@@ -200,11 +200,14 @@ def paired_differences(rows: list[dict], metrics=("style", "style_dist", "all", 
         seeds = sorted(set(mine) & set(ref))
         if name == ref_name or not seeds:
             continue
-        out[name] = {k: mean_ci([mine[s][k] - ref[s][k] for s in seeds]) for k in metrics}
+        out[name] = {k: mean_ci([mine[s][k] - ref[s][k] for s in seeds]) for k in metrics
+                     if all(k in r for r in rows)}
     return out
 
 
-def _fmt(s: dict, digits: int = 3) -> str:
+def _fmt(s: dict | None, digits: int = 3) -> str:
+    if s is None or s["mean"] is None:  # a metric an older results.json lacks
+        return ""
     if s["ci95"] is None:
         return f"{s['mean']:.{digits}f}"
     return f"{s['mean']:.{digits}f} ± {s['ci95']:.{digits}f}"
@@ -218,14 +221,14 @@ def markdown_table(results: dict) -> str:
              "| variant | params | style acc | style dist | attribute acc (all) | toy CLIPScore | final loss | train s |",
              "|---|---|---|---|---|---|---|---|"]
     for name, t in results["table"].items():
-        lines.append(f"| {name} | {t['params']:,} | {_fmt(t['style'])} | {_fmt(t['style_dist'])} | {_fmt(t['all'])} | "
-                     f"{_fmt(t['clipscore'], 1)} | {_fmt(t['final_loss'], 4)} | {_fmt(t['train_s'], 0)} |")
+        lines.append(f"| {name} | {t['params']:,} | {_fmt(t['style'])} | {_fmt(t.get('style_dist'))} | {_fmt(t['all'])} | "
+                     f"{_fmt(t['clipscore'], 1)} | {_fmt(t['final_loss'], 4)} | {_fmt(t.get('train_s'), 0)} |")
     if results.get("teacher"):
         t = results["teacher"]
-        lines.append(f"| teacher (every UNet weight fine-tuned) | all | {_fmt(t['style'])} | {_fmt(t['style_dist'])} | "
+        lines.append(f"| teacher (every UNet weight fine-tuned) | all | {_fmt(t['style'])} | {_fmt(t.get('style_dist'))} | "
                      f"{_fmt(t['all'])} | {_fmt(t['clipscore'], 1)} | | |")
     b = results["base_model_no_adapter"]
-    lines.append(f"| base model, no adapter | 0 | {_fmt(b['style'])} | {_fmt(b['style_dist'])} | {_fmt(b['all'])} | "
+    lines.append(f"| base model, no adapter | 0 | {_fmt(b['style'])} | {_fmt(b.get('style_dist'))} | {_fmt(b['all'])} | "
                  f"{_fmt(b['clipscore'], 1)} | | |")
     paired = paired_differences(results["rows"])
     if paired:
@@ -235,7 +238,7 @@ def markdown_table(results: dict) -> str:
                   "an interval that excludes 0 is a difference this experiment resolves):", "",
                   "| variant | Δ style acc | Δ style dist | Δ attribute acc (all) | Δ toy CLIPScore |", "|---|---|---|---|---|"]
         for name, d in paired.items():
-            lines.append(f"| {name} | {_fmt(d['style'])} | {_fmt(d['style_dist'])} | {_fmt(d['all'])} | "
+            lines.append(f"| {name} | {_fmt(d['style'])} | {_fmt(d.get('style_dist'))} | {_fmt(d['all'])} | "
                          f"{_fmt(d['clipscore'], 1)} |")
     curves = {n: t["curve"] for n, t in results["table"].items() if t.get("curve")}
     if curves:

@@ -133,6 +133,13 @@ def test_table_reprints_a_saved_results_file_and_rejects_other_files(tmp_path, c
     main(["table", str(saved)])
     out = capsys.readouterr().out
     assert "| lora r512 + convs (paper's LoRA) | 6,045,696 |" in out and "Paired differences" in out
+    # results written before style_dist existed still print, with those cells empty
+    old = json.loads(saved.read_text())
+    for entry in [*old["rows"], *old["table"].values(), old["base_model_no_adapter"]]:
+        entry.pop("style_dist")
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    main(["table", str(tmp_path / "old.json")])
+    assert "| lora r512 + convs (paper's LoRA) | 6,045,696 | 0.533 ± 0.100 |  |" in capsys.readouterr().out
     bad = tmp_path / "x.json"
     bad.write_text("{}")
     with pytest.raises(SystemExit):
