@@ -65,7 +65,8 @@ class TrainRequest(BaseModel):
     base_model: str | None = Field(None, description="Hub id or local path; default: the server's")
     teacher_model: str | None = Field(None, description="distill only: the teacher checkpoint")
     steps: int = Field(1000, ge=1)
-    resolution: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    resolution: int | None = Field(None, ge=8, le=2048, multiple_of=8,
+                                   description="Training image side; default: the base model's native size")
     batch_size: int | None = Field(None, ge=1, le=256)
     gradient_accumulation_steps: int | None = Field(None, ge=1, le=1024)
     learning_rate: float | None = Field(None, gt=0, le=1)

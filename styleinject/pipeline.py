@@ -77,6 +77,24 @@ def generation_defaults(pipe) -> dict:
             **getattr(pipe, "_styleinject_defaults", {})}
 
 
+def native_resolution(base_model: str | Path) -> int:
+    """The side the model draws at by default (``generation_defaults(pipe)["width"]``), read from
+    its configs without loading any weights: 512 for Stable Diffusion 1.5, 32 for the toy model."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    local = Path(str(base_model)).expanduser()
+    source = str(local) if local.exists() else str(base_model)
+    if local.exists():
+        width = read_generation_defaults(local).get("width")
+        if width:
+            return int(width)
+    unet = UNet2DConditionModel.load_config(source, subfolder="unet")
+    vae = AutoencoderKL.load_config(source, subfolder="vae")
+    size = unet["sample_size"]
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return int(size * 2 ** (len(vae["block_out_channels"]) - 1))
+
+
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
     # diffusers renamed torch_dtype to dtype (0.36+) and warns on the old name
     import diffusers.utils.deprecation_utils as deprecation

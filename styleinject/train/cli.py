@@ -46,7 +46,8 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     tr = p.add_argument_group("training")
     tr.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (a resumed run "
                     "continues up to this number)")
-    tr.add_argument("--resolution", type=int, default=512, help="training image side (resize + crop)")
+    tr.add_argument("--resolution", type=int, default=None, help="training image side (resize + crop); "
+                    "default: the base model's native size (512 for SD 1.5, 32 for the toy model)")
     tr.add_argument("--random-crop", action="store_true", help="random instead of centre crop")
     tr.add_argument("--random-flip", action="store_true", help="mirror half of the images")
     tr.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and noise")

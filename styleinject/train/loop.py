@@ -18,7 +18,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -60,7 +60,7 @@ class TrainConfig:
     data: str
     output_dir: str
     steps: int
-    resolution: int = 512
+    resolution: int | None = None  # None: the base model's native size (native_resolution)
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
@@ -124,7 +124,7 @@ class TrainConfig:
             problems.append(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.steps < 1:
             problems.append(f"--steps must be >= 1 (got {self.steps})")
-        if self.resolution < 8 or self.resolution % 8:
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             problems.append(f"--resolution must be a positive multiple of 8 (got {self.resolution})")
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             problems.append("--batch-size and --grad-accum must be >= 1")
@@ -291,6 +291,16 @@ def load_models(cfg: TrainConfig, device, weight_dtype) -> Models:
                   unet=pipe.unet, noise_scheduler=noise_scheduler, weight_dtype=weight_dtype)
 
 
+def _native_resolution(base_model: str) -> int:
+    from styleinject.pipeline import native_resolution
+
+    try:
+        return native_resolution(base_model)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TrainingError(f"--base-model {base_model}: cannot read its unet/vae configs ({_first_line(exc)}); "
+                            "pass a diffusers Stable Diffusion folder or hub id, or set --resolution") from None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -362,6 +372,8 @@ def run_training(cfg: TrainConfig, progress: Callable[[Progress], None] | None =
     from accelerate.utils import set_seed
 
     cfg.check()
+    if cfg.resolution is None:
+        cfg = replace(cfg, resolution=_native_resolution(cfg.base_model))
     out = Path(cfg.output_dir)
     resume_from = _resume_target(cfg, out)
 

@@ -80,6 +80,12 @@ def test_validation_errors_are_json_with_a_message(client):
     assert isinstance(body["detail"], list)
     response = client.post("/train", json={"dataset_id": "x", "stepz": 3}, headers=auth())
     assert response.status_code == 422 and "stepz" in response.json()["message"]
+    response = client.post("/train", json={"dataset_id": "x", "resolution": 30}, headers=auth())
+    assert response.status_code == 422 and "resolution" in response.json()["message"]
+    # the demo model's native 32 x 32 is a valid training size
+    from api.schemas import TrainRequest
+
+    assert TrainRequest(dataset_id="x", resolution=32).resolution == 32
 
 
 def test_unknown_ids_are_404(client):

@@ -33,7 +33,8 @@ def make_cfg(tiny_pipeline_path, tmp_path):
         kw.setdefault("adapter", StyleInjectConfig(rank=4, num_styles=2))
         kw.setdefault("steps", 3)
         kw.setdefault("checkpoint_every", 0)
+        kw.setdefault("resolution", 64)
         return TrainConfig(kind=kind, base_model=str(kw.pop("base_model", tiny_pipeline_path)), data=str(data),
-                           output_dir=str(tmp_path / output), resolution=64, sample_steps=2, **kw)
+                           output_dir=str(tmp_path / output), sample_steps=2, **kw)
 
     return make

@@ -42,7 +42,7 @@ def test_help_documents_every_flag_with_defaults(capsys):
         for flag in common + extra[kind]:
             assert flag in text, (kind, flag)
         for default in ("r: rank of every low-rank update (default: 32)", "(default: 16)", "(default: 0.0001)",
-                        "(default: ['to_q', 'to_v'])", "(default: ['to_q'])", "(default: 512)"):
+                        "(default: ['to_q', 'to_v'])", "(default: ['to_q'])", "default: the base model's native size"):
             assert default in text, (kind, default)
     assert "(default: ['conv1', 'conv2'])" in _help(capsys, "distill")
     assert "(default: ['down_blocks.1', 'mid_block', 'up_blocks.0'])" in _help(capsys, "distill")

@@ -164,6 +164,30 @@ def test_resume_guards(tmp_path, make_cfg):
     assert result.steps_done == 3 and not (ckdir / ".tmp-step-000003").exists()
 
 
+def test_default_resolution_is_the_base_models_native_size(tmp_path, make_cfg, tiny_pipe, tiny_pipeline_path):
+    import shutil
+
+    from styleinject.pipeline import DEFAULTS_FILE, generation_defaults
+
+    data = image_folder(tmp_path / "data", n=1)
+    run_training(make_cfg(data=data, steps=1, resolution=None))
+    saved = json.loads((tmp_path / "out" / "train_config.json").read_text())
+    assert saved["resolution"] == generation_defaults(tiny_pipe)["width"] == 64  # sample_size 32 x VAE factor 2
+    # a model folder that draws at another size trains at that size; a resume keeps it
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_path, model)
+    (model / DEFAULTS_FILE).write_text(json.dumps({"width": 32, "height": 32}))
+    run_training(make_cfg(data=data, output="small", base_model=model, steps=1, checkpoint_every=1,
+                          resolution=None))
+    result = run_training(make_cfg(data=data, output="small", base_model=model, steps=2, checkpoint_every=1,
+                                   resolution=None, resume="latest"))
+    assert result.steps_done == 2
+    assert json.loads((tmp_path / "small" / "train_config.json").read_text())["resolution"] == 32
+    assert read_adapter_metadata(tmp_path / "small")["resolution"] == "32"
+    with pytest.raises(TrainingError, match="cannot read its unet/vae configs"):
+        run_training(make_cfg(data=data, output="bad", base_model=tmp_path / "data", resolution=None))
+
+
 def test_cancel_saves_a_loadable_checkpoint(tmp_path, make_cfg, tiny_pipeline_path):
     data = image_folder(tmp_path / "data", n=1)
     calls = []
