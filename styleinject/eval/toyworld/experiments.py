@@ -82,7 +82,7 @@ def variants(experiment: str, model: str, convs: bool = False) -> dict[str, Styl
     if experiment in ("equal-params", "distill", "long"):
         out = {f"styleinject r32 n16{tag} (paper)": paper, f"lora r32{tag} (paper rank)": lora(32),
                f"lora{tag}, params = styleinject": matched}
-        if experiment == "equal-params":
+        if experiment in ("equal-params", "long"):  # long: the paper's drift claim is about this LoRA
             out[f"lora r512{tag} (paper's LoRA)"] = lora(512)
         return out
     if experiment == "ablation":
