@@ -26,11 +26,12 @@ def create_evaluation(body: EvaluateRequest, session: SessionDep, tenant: Tenant
               | {"adapter_id": adapter.id})
     session.add(job)
     session.commit()
+    # the job as accepted: a fast worker may start it before this response is written
+    accepted = job_out(job)
     try:
         celery.send_task("worker.tasks.evaluate", args=[job.id])
     except Exception as exc:  # noqa: BLE001 - broker down
         job.status, job.error, job.finished_at = "failed", f"could not queue: {exc}", utcnow()
         session.commit()
         raise HTTPException(503, f"could not queue the job (is the broker up?): {exc}") from None
-    session.refresh(job)
-    return job_out(job)
+    return accepted

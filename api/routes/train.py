@@ -41,11 +41,12 @@ def create_train_job(
     job = Job(tenant_id=tenant.id, kind=body.kind, dataset_id=dataset.id, params=params)
     session.add(job)
     session.commit()
+    # the job as accepted: a fast worker may start it before this response is written
+    accepted = job_out(job)
     try:
         celery.send_task("worker.tasks.train", args=[job.id])
     except Exception as exc:  # noqa: BLE001 - broker down: fail the job, tell the caller
         job.status, job.error, job.finished_at = "failed", f"could not queue: {exc}", utcnow()
         session.commit()
         raise HTTPException(503, f"could not queue the job (is the broker up?): {exc}") from None
-    session.refresh(job)
-    return job_out(job)
+    return accepted
