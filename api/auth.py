@@ -16,7 +16,7 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.db.models import ApiKey, Tenant, utcnow
+from api.core.db.models import ApiKey, Tenant, utcnow
 
 KEY_PREFIX = "si_"
 BOOTSTRAP_TENANT = "admin"

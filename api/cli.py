@@ -1,6 +1,8 @@
-"""Service commands: serve, worker, apikey, db. ``styleinject <command>`` or ``python -m api.cli``.
+"""Service commands: serve, apikey, db. ``styleinject <command>`` or ``python -m api.cli``.
 
-Only argparse is imported at module level: the library CLI imports this module to build --help.
+The library CLI finds this module through the ``styleinject.commands`` entry point group
+(pyproject.toml) and calls ``add_commands``; ``worker`` comes from ``worker.cli`` the same way.
+Only argparse is imported at module level, so ``styleinject --help`` stays fast.
 """
 
 import argparse
@@ -17,19 +19,6 @@ def add_commands(subparsers) -> None:
     serve.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)
-
-    worker = subparsers.add_parser(
-        "worker", help="a Celery worker (run one per GPU machine in the distributed mode)",
-        description="Consume the train and generate queues. Reads STYLEINJECT_BROKER_URL, "
-        "STYLEINJECT_DATABASE_URL, STYLEINJECT_ARTIFACT_ROOT like the API.")
-    _home(worker)
-    worker.add_argument("--queues", default="train,generate", help="comma-separated (default train,generate)")
-    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
-                        help="prefork (default: time limits enforced), solo or threads")
-    worker.add_argument("--concurrency", type=int, default=1, help="tasks at once (default 1 per GPU)")
-    worker.add_argument("--hostname", default=None, help="Celery node name (default celery@<host>)")
-    worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    worker.set_defaults(func=_worker)
 
     apikey = subparsers.add_parser("apikey", help="create, list or revoke API keys")
     keys = apikey.add_subparsers(dest="apikey_command", required=True, metavar="{create,list,revoke}")
@@ -65,14 +54,10 @@ def _home(parser) -> None:
 
 
 def _settings(args):
-    import os
+    """Settings from the environment, with ``--home`` on top (passed explicitly, never via os.environ)."""
+    from api.core.settings import Settings
 
-    from api.settings import get_settings
-
-    if getattr(args, "home", None):
-        os.environ["STYLEINJECT_HOME"] = str(args.home)
-    get_settings.cache_clear()
-    return get_settings()
+    return Settings(home=args.home) if getattr(args, "home", None) else Settings()
 
 
 # -- serve ------------------------------------------------------------------------------------------
@@ -80,14 +65,12 @@ def _settings(args):
 def _serve(args) -> int:
     import os
     import signal
-    import subprocess
     import sys
-    import threading
 
     import uvicorn
 
-    from api.db.migrate import upgrade
-    from api.settings import get_settings
+    from api.core.db.migrate import upgrade
+    from api.core.supervisor import WorkerSupervisor
 
     settings = _settings(args)
     _check_port_free(args.host, args.port)
@@ -97,7 +80,7 @@ def _serve(args) -> int:
     first_key = None
     if not settings.bootstrap_key:
         from api.auth import first_start_key
-        from api.db.session import session_scope
+        from api.core.db.session import session_scope
 
         with session_scope(settings.database_url) as session:
             first_key = first_start_key(session)
@@ -105,11 +88,9 @@ def _serve(args) -> int:
         print(f"base model: the toy demo model ({settings.resolved_base_model()}): it draws shapes at 32 x 32, "
               "e.g. 'two red circles on a white background'; set STYLEINJECT_BASE_MODEL to a Stable "
               "Diffusion 1.5 hub id or folder for real images", flush=True)
-    env = settings.to_env()
-    env["STYLEINJECT_BASE_MODEL"] = settings.resolved_base_model()
-    os.environ.update(env)  # the worker subprocess and this process see the same settings
-    get_settings.cache_clear()
-    settings = get_settings()
+    # The API and the worker child run the same settings: passed to create_app here, and to the
+    # child as its environment (this process's os.environ is left alone).
+    settings = settings.model_copy(update={"base_model": settings.resolved_base_model()})
 
     from api.main import create_app
 
@@ -117,32 +98,19 @@ def _serve(args) -> int:
     _prune_delivered_messages(settings.broker_url)
     _requeue_orphans(settings, app.state.celery)
 
-    worker: dict = {"proc": None, "stopping": False}
+    supervisor = None
     if not args.no_worker:
+        # the worker's Celery app is named, not imported: api never imports worker
         command = [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
                    "--pool", "solo", "--concurrency", "1", "--queues", "train,generate",
                    "--hostname", f"embedded-{os.getpid()}@%h", "--loglevel", args.log_level.upper()]
-
-        def supervise() -> None:
-            import time
-
-            restarts = 0
-            while not worker["stopping"]:
-                worker["proc"] = subprocess.Popen(command, env={**os.environ, **env},
-                                                  preexec_fn=_die_with_parent)
-                if restarts:  # the dead worker's job resumes once its lease expires
-                    _requeue_orphans(settings, app.state.celery)
-                code = worker["proc"].wait()
-                if worker["stopping"]:
-                    return
-                restarts += 1
-                print(f"worker exited with code {code}; restarting ({restarts})", file=sys.stderr, flush=True)
-                if restarts > 5:
-                    print("worker keeps failing; not restarting it again", file=sys.stderr, flush=True)
-                    return
-                time.sleep(2)
-
-        threading.Thread(target=supervise, name="worker-supervisor", daemon=True).start()
+        # Warm shutdown on stop: an idle worker exits at once; a running job gets 10 s, then is
+        # killed and resumes from its latest checkpoint on the next start. After a crash the dead
+        # worker's job resumes once its lease expires (re-sent here: the embedded broker does not).
+        supervisor = WorkerSupervisor(
+            command, env={**os.environ, **settings.to_env()}, max_restarts=5, backoff_s=2,
+            stop_timeout_s=10, on_restart=lambda _n: _requeue_orphans(settings, app.state.celery))
+        supervisor.start()
 
     def on_sigterm(signum, frame):  # uvicorn re-raises SIGTERM after its shutdown: end cleanly
         raise SystemExit(0)
@@ -161,17 +129,8 @@ def _serve(args) -> int:
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
-        worker["stopping"] = True
-        proc = worker["proc"]
-        if proc is not None and proc.poll() is None:
-            # Warm shutdown: an idle worker exits at once; a running job gets 10 s, then is killed
-            # and resumes from its latest checkpoint on the next start.
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if supervisor is not None:
+            supervisor.stop()
     return 0
 
 
@@ -188,17 +147,6 @@ def _check_port_free(host: str, port: int) -> None:
             print(f"styleinject serve: error: cannot listen on {host}:{port} ({exc.strerror}); is another "
                   "serve running? Stop it or pass --port", file=sys.stderr)
             raise SystemExit(2) from None
-
-
-def _die_with_parent() -> None:
-    """In the worker child (Linux): die with `serve` even if it is killed without cleaning up
-    (the interrupted job resumes from its checkpoint on the next start)."""
-    import ctypes
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _prune_delivered_messages(broker_url: str) -> None:
@@ -227,29 +175,15 @@ def _requeue_orphans(settings, celery) -> None:
     """
     from sqlalchemy import select
 
-    from api.db.models import Job
-    from api.db.session import session_scope
+    from api.core.celery import task_for_job
+    from api.core.db.models import Job
+    from api.core.db.session import session_scope
 
     with session_scope(settings.database_url) as session:
         running = session.execute(select(Job.id, Job.kind).where(Job.status == "running")).all()
     for job_id, kind in running:
-        name = "worker.tasks.evaluate" if kind == "evaluate" else "worker.tasks.train"
-        celery.send_task(name, args=[job_id])
+        celery.send_task(task_for_job(kind), args=[job_id])
         print(f"re-queued job {job_id} (interrupted by the last shutdown)", flush=True)
-
-
-# -- worker -----------------------------------------------------------------------------------------
-
-def _worker(args) -> int:
-    _settings(args)
-    from worker.celery_app import celery_app
-
-    argv = ["worker", "--pool", args.pool, "--concurrency", str(args.concurrency),
-            "--queues", args.queues, "--loglevel", args.log_level.upper()]
-    if args.hostname:
-        argv += ["--hostname", args.hostname]
-    celery_app.worker_main(argv)
-    return 0
 
 
 # -- apikey -----------------------------------------------------------------------------------------
@@ -258,7 +192,7 @@ def _apikey_create(args) -> int:
     import sys
 
     from api.auth import create_api_key
-    from api.db.session import session_scope
+    from api.core.db.session import session_scope
 
     settings = _settings(args)
     with session_scope(settings.database_url) as session:
@@ -272,8 +206,8 @@ def _apikey_create(args) -> int:
 def _apikey_list(args) -> int:
     from sqlalchemy import select
 
-    from api.db.models import ApiKey, Tenant
-    from api.db.session import session_scope
+    from api.core.db.models import ApiKey, Tenant
+    from api.core.db.session import session_scope
 
     settings = _settings(args)
     with session_scope(settings.database_url) as session:
@@ -294,7 +228,7 @@ def _apikey_revoke(args) -> int:
     import sys
 
     from api.auth import revoke_api_key
-    from api.db.session import session_scope
+    from api.core.db.session import session_scope
 
     settings = _settings(args)
     with session_scope(settings.database_url) as session:
@@ -309,14 +243,14 @@ def _apikey_revoke(args) -> int:
 # -- db ---------------------------------------------------------------------------------------------
 
 def _db_upgrade(args) -> int:
-    from api.db.migrate import upgrade
+    from api.core.db.migrate import upgrade
 
     upgrade(_settings(args).database_url, args.revision)
     return 0
 
 
 def _db_downgrade(args) -> int:
-    from api.db.migrate import downgrade
+    from api.core.db.migrate import downgrade
 
     downgrade(_settings(args).database_url, args.revision)
     return 0

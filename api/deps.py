@@ -11,9 +11,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.auth import authenticate
-from api.db.models import Tenant
-from api.db.session import session_factory
-from api.settings import Settings
+from api.core.db.models import Tenant
+from api.core.db.session import session_factory
+from api.core.settings import Settings
 
 KEY_COOKIE = "styleinject_key"
 

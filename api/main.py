@@ -17,7 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import __version__
 from api.routes import adapters, dashboard, datasets, evaluate, generate, health, jobs, train
-from api.settings import Settings, get_settings
+from api.core.celery import make_celery
+from api.core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ another tenant's id answers 404. Errors are JSON: `{"message": "...", "detail": 
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from worker.celery_app import make_celery
-
     settings = settings or get_settings()
     app = FastAPI(
         title="StyleInject",

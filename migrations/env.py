@@ -1,6 +1,6 @@
-"""Alembic environment: the URL comes from the app's settings (api.settings), never from alembic.ini.
+"""Alembic environment: the URL comes from the app's settings (api.core.settings), never from alembic.ini.
 
-A caller may pass a URL explicitly with ``config.attributes["database_url"]`` (api.db.migrate does).
+A caller may pass a URL explicitly with ``config.attributes["database_url"]`` (api.core.db.migrate does).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 from alembic import context
 from sqlalchemy.engine import make_url
 
-from api.db.models import Base
-from api.db.session import make_engine
-from api.settings import get_settings
+from api.core.db.models import Base
+from api.core.db.session import make_engine
+from api.core.settings import get_settings
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):

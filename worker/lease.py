@@ -26,9 +26,9 @@ from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 
-from api.db.models import FINISHED, Job, utcnow
-from api.db.session import session_scope
-from api.settings import Settings
+from api.core.db.models import FINISHED, Job, utcnow
+from api.core.db.session import session_scope
+from api.core.settings import Settings
 
 log = logging.getLogger("worker.lease")
 

@@ -22,9 +22,10 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
 
-from api.db.models import Adapter, Checkpoint, Dataset, EvalScore, GenerationRequest, Job, utcnow
-from api.db.session import session_scope
-from api.settings import get_settings
+from api.core.celery import TASK_EVALUATE, TASK_GENERATE, TASK_TRAIN
+from api.core.db.models import Adapter, Checkpoint, Dataset, EvalScore, GenerationRequest, Job, utcnow
+from api.core.db.session import session_scope
+from api.core.settings import get_settings
 from worker.celery_app import celery_app
 from worker.lease import JobLease
 
@@ -101,7 +102,7 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
-@celery_app.task(name="worker.tasks.train", bind=True, soft_time_limit=_limits.job_soft_time_limit_s,
+@celery_app.task(name=TASK_TRAIN, bind=True, soft_time_limit=_limits.job_soft_time_limit_s,
                  time_limit=_limits.job_time_limit_s)
 def train(self, job_id: str) -> dict[str, Any]:
     settings = get_settings()
@@ -221,7 +222,7 @@ def _fail_generation(request_id: str, message: str, status_code: int) -> dict[st
     return {"ok": False, "error": message, "status_code": status_code}
 
 
-@celery_app.task(name="worker.tasks.generate", bind=True, soft_time_limit=_limits.generate_time_limit_s,
+@celery_app.task(name=TASK_GENERATE, bind=True, soft_time_limit=_limits.generate_time_limit_s,
                  time_limit=_limits.generate_time_limit_s + 60)
 def generate(self, request_id: str) -> dict[str, Any]:
     settings = get_settings()
@@ -291,7 +292,7 @@ def generate(self, request_id: str) -> dict[str, Any]:
 _EVAL_OPTIONS = ("seeds", "steps", "guidance_scale", "width", "height", "negative_prompt", "adapter_scale")
 
 
-@celery_app.task(name="worker.tasks.evaluate", bind=True, soft_time_limit=_limits.job_soft_time_limit_s,
+@celery_app.task(name=TASK_EVALUATE, bind=True, soft_time_limit=_limits.job_soft_time_limit_s,
                  time_limit=_limits.job_time_limit_s)
 def evaluate(self, job_id: str) -> dict[str, Any]:
     settings = get_settings()

@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 from starlette.background import BackgroundTask
 
-from api.db.models import Adapter
+from api.core.db.models import Adapter
 from api.deps import SessionDep, SettingsDep, TenantDep, get_owned
 from api.routes.common import AUTH_ERRORS, adapter_out, errors
 from api.schemas import AdapterDetail, AdapterOut, CheckpointOut, EvalScoreOut

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.db.models import Adapter, Job
+from api.core.db.models import Adapter, Job
 from api.schemas import AdapterOut, CheckpointOut, ErrorOut, JobOut
 
 

@@ -17,7 +17,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
 from api.auth import authenticate
-from api.db.models import Adapter, Job
+from api.core.db.models import Adapter, Job
 from api.deps import KEY_COOKIE, SessionDep, SettingsDep
 from api.routes.common import job_out
 

@@ -18,8 +18,8 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
-from api.db.models import Dataset, new_id
-from api.db.session import session_scope
+from api.core.db.models import Dataset, new_id
+from api.core.db.session import session_scope
 from api.deps import SessionDep, SettingsDep, TenantDep, get_owned
 from api.routes.common import AUTH_ERRORS, errors
 from api.schemas import DatasetOut, TrainKind

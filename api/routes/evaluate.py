@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, status
 
-from api.db.models import Adapter, Job, utcnow
+from api.core.celery import TASK_EVALUATE
+from api.core.db.models import Adapter, Job, utcnow
 from api.deps import CeleryDep, SessionDep, TenantDep, get_owned
 from api.routes.common import AUTH_ERRORS, errors, job_out
 from api.schemas import EvaluateRequest, JobOut
@@ -29,7 +30,7 @@ def create_evaluation(body: EvaluateRequest, session: SessionDep, tenant: Tenant
     # the job as accepted: a fast worker may start it before this response is written
     accepted = job_out(job)
     try:
-        celery.send_task("worker.tasks.evaluate", args=[job.id])
+        celery.send_task(TASK_EVALUATE, args=[job.id])
     except Exception as exc:  # noqa: BLE001 - broker down
         job.status, job.error, job.finished_at = "failed", f"could not queue: {exc}", utcnow()
         session.commit()

@@ -8,7 +8,8 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from fastapi import APIRouter, HTTPException
 from sqlalchemy import update
 
-from api.db.models import Adapter, GenerationRequest, utcnow
+from api.core.celery import TASK_GENERATE
+from api.core.db.models import Adapter, GenerationRequest, utcnow
 from api.deps import CeleryDep, SessionDep, SettingsDep, TenantDep, get_owned
 from api.routes.common import AUTH_ERRORS, errors
 from api.schemas import GenerateOut, GenerateRequest
@@ -43,7 +44,7 @@ def create_generation(
     session.commit()
 
     try:
-        result = celery.send_task("worker.tasks.generate", args=[request.id])
+        result = celery.send_task(TASK_GENERATE, args=[request.id])
     except Exception as exc:  # noqa: BLE001 - broker down
         _finish(session, request.id, "failed", f"could not queue: {exc}")
         raise HTTPException(503, f"could not queue the request (is the broker up?): {exc}") from None

@@ -11,8 +11,8 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select, update
 from sse_starlette import EventSourceResponse
 
-from api.db.models import FINISHED, Job, utcnow
-from api.db.session import session_scope
+from api.core.db.models import FINISHED, Job, utcnow
+from api.core.db.session import session_scope
 from api.deps import SessionDep, SettingsDep, TenantDep, get_owned
 from api.routes.common import AUTH_ERRORS, errors, job_out
 from api.schemas import JobOut, JobStatus

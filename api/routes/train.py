@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, status
 
-from api.db.models import Dataset, Job, utcnow
+from api.core.celery import TASK_TRAIN
+from api.core.db.models import Dataset, Job, utcnow
 from api.deps import CeleryDep, SessionDep, SettingsDep, TenantDep, get_owned
 from api.routes.common import AUTH_ERRORS, errors, job_out
 from api.schemas import JobOut, TrainRequest
@@ -44,7 +45,7 @@ def create_train_job(
     # the job as accepted: a fast worker may start it before this response is written
     accepted = job_out(job)
     try:
-        celery.send_task("worker.tasks.train", args=[job.id])
+        celery.send_task(TASK_TRAIN, args=[job.id])
     except Exception as exc:  # noqa: BLE001 - broker down: fail the job, tell the caller
         job.status, job.error, job.finished_at = "failed", f"could not queue: {exc}", utcnow()
         session.commit()

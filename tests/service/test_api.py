@@ -13,11 +13,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.auth import create_api_key, revoke_api_key
-from api.db.migrate import upgrade
-from api.db.models import Dataset, GenerationRequest, Job
-from api.db.session import session_scope
+from api.core.db.migrate import upgrade
+from api.core.db.models import Dataset, GenerationRequest, Job
+from api.core.db.session import session_scope
 from api.main import create_app
-from api.settings import Settings
+from api.core.settings import Settings
 from tests.service.conftest import REPO, TINY_GENERATE
 
 

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 from api.auth import authenticate
-from api.db.session import session_scope
-from api.settings import Settings
+from api.core.db.session import session_scope
+from api.core.settings import Settings
 from tests.service.conftest import REPO, run_cli, service_env
 
 

@@ -51,7 +51,7 @@ def distributed(tmp_path_factory, pg_database_module, redis_url, tiny_model):
     keys = {name: run_cli("apikey", "create", "--tenant", name, env=env).stdout.strip()
             for name in ("alice", "bob")}
     port = free_port()
-    worker = Proc("worker", [sys.executable, "-m", "api.cli", "worker", "--pool", "prefork",
+    worker = Proc("worker", [sys.executable, "-m", "worker.cli", "worker", "--pool", "prefork",
                              "--concurrency", "1", "--hostname", f"test-{port}@%h"], env, logs)
     api = Proc("api", [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app",
                        "--host", "127.0.0.1", "--port", str(port)], env, logs)

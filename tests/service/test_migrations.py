@@ -9,8 +9,8 @@ import pytest
 from alembic import command
 from sqlalchemy import create_engine, inspect
 
-from api.db.migrate import alembic_config, downgrade, upgrade
-from api.db.models import Base
+from api.core.db.migrate import alembic_config, downgrade, upgrade
+from api.core.db.models import Base
 from tests.service.conftest import REPO, service_env
 
 TABLES = {"tenants", "api_keys", "datasets", "jobs", "adapters", "checkpoints", "eval_scores",

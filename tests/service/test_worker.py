@@ -12,10 +12,10 @@ import pytest
 from sqlalchemy import update
 
 from api.auth import get_or_create_tenant
-from api.db.migrate import upgrade
-from api.db.models import Adapter, Dataset, Job, utcnow
-from api.db.session import session_scope
-from api.settings import Settings, get_settings
+from api.core.db.migrate import upgrade
+from api.core.db.models import Adapter, Dataset, Job, utcnow
+from api.core.db.session import session_scope
+from api.core.settings import Settings, get_settings
 from tests.service.conftest import TINY_TRAIN, dataset_zip
 from worker.lease import JobLease
 
@@ -166,7 +166,7 @@ def test_concurrent_generations_for_different_adapters_never_mix(settings, tiny_
     import torch
     from diffusers import UNet2DConditionModel
 
-    from api.db.models import GenerationRequest
+    from api.core.db.models import GenerationRequest
     from styleinject import StyleInjectConfig, adapter_parameters, inject, save_adapter
     from tests.service.conftest import TINY_GENERATE, decode_png
     from worker import tasks
@@ -216,7 +216,7 @@ def test_soft_time_limit_is_enforced_outside_prefork(settings, tiny_model, monke
 
     from celery.signals import task_postrun, task_prerun
 
-    from api.db.models import GenerationRequest
+    from api.core.db.models import GenerationRequest
     from tests.service.conftest import TINY_GENERATE
     from worker import tasks, time_limits
 

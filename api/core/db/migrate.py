@@ -9,7 +9,7 @@ from alembic.config import Config
 
 
 def _repo_root() -> Path:
-    here = Path(__file__).resolve().parents[2]
+    here = Path(__file__).resolve().parents[3]
     if (here / "migrations" / "env.py").is_file():
         return here
     if (Path.cwd() / "migrations" / "env.py").is_file():

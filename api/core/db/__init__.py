@@ -1,6 +1,6 @@
 """Database models, sessions and migrations shared by ``api`` and ``worker`` (no torch)."""
 
-from api.db.models import (
+from api.core.db.models import (
     FINISHED,
     TRAIN_KINDS,
     Adapter,
@@ -15,7 +15,7 @@ from api.db.models import (
     new_id,
     utcnow,
 )
-from api.db.session import make_engine, session_factory, session_scope
+from api.core.db.session import make_engine, session_factory, session_scope
 
 __all__ = [
     "FINISHED",

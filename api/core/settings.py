@@ -5,6 +5,9 @@ Unset locations derive from ``home`` so the embedded default needs no configurat
 
     home/styleinject.db   database        home/broker.db   Celery broker (kombu SQLAlchemy transport)
     home/results.db       Celery results  home/artifacts/  datasets, adapters, checkpoints, images
+
+Code that has a Settings passes it on (``create_app(settings)``, ``make_celery(settings)``); a child
+process gets it as environment variables (``settings.to_env()``), never via this process's os.environ.
 """
 
 from __future__ import annotations
@@ -116,9 +119,35 @@ class Settings(BaseSettings):
         return env
 
 
+_configured: Settings | None = None
+
+
 @functools.lru_cache(maxsize=1)
-def get_settings() -> Settings:
+def _from_environment() -> Settings:
     return Settings()
+
+
+def get_settings() -> Settings:
+    """The process settings: what ``configure_settings`` set, else read once from the environment.
+
+    The API gets its settings passed explicitly (``create_app(settings)``); this is for processes
+    that run one configuration (a worker, ``alembic`` run from the command line)."""
+    return _configured if _configured is not None else _from_environment()
+
+
+def configure_settings(settings: Settings | None) -> None:
+    """Make ``settings`` this process's settings (``styleinject worker --home ...``); None: back to
+    the environment. Never writes ``os.environ``."""
+    global _configured
+    _configured = settings
+    _from_environment.cache_clear()
+
+
+def _clear() -> None:
+    configure_settings(None)
+
+
+get_settings.cache_clear = _clear  # type: ignore[attr-defined]  # tests re-read the environment
 
 
 def worker_identity() -> str:

@@ -1,0 +1,50 @@
+"""``styleinject worker`` (or ``python -m worker.cli worker``): a Celery worker on this machine.
+
+Found by the library CLI through the ``styleinject.commands`` entry point group (pyproject.toml).
+Only argparse is imported at module level.
+"""
+
+import argparse
+
+
+def add_commands(subparsers) -> None:
+    worker = subparsers.add_parser(
+        "worker", help="a Celery worker (run one per GPU machine in the distributed mode)",
+        description="Consume the train and generate queues. Reads STYLEINJECT_BROKER_URL, "
+        "STYLEINJECT_DATABASE_URL, STYLEINJECT_ARTIFACT_ROOT like the API.")
+    worker.add_argument("--home", default=None,
+                        help="state folder (default $STYLEINJECT_HOME or ~/.styleinject)")
+    worker.add_argument("--queues", default="train,generate", help="comma-separated (default train,generate)")
+    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
+                        help="prefork (default: time limits enforced), solo or threads")
+    worker.add_argument("--concurrency", type=int, default=1, help="tasks at once (default 1 per GPU)")
+    worker.add_argument("--hostname", default=None, help="Celery node name (default celery@<host>)")
+    worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    worker.set_defaults(func=_worker)
+
+
+def _worker(args) -> int:
+    from api.core.settings import Settings, configure_settings
+
+    if args.home:
+        # the process settings, set before the Celery app and the tasks are built from them
+        configure_settings(Settings(home=args.home))
+    from worker.celery_app import celery_app
+
+    argv = ["worker", "--pool", args.pool, "--concurrency", str(args.concurrency),
+            "--queues", args.queues, "--loglevel", args.log_level.upper()]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    celery_app.worker_main(argv)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.cli", description="StyleInject worker command")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
