@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from styleinject.errors import option_names, render_message
+
 # Modules that add their own sub-commands; each imports only argparse at module level so that
 # `styleinject --help` stays fast and works without the optional extras installed.
 _COMMAND_MODULES = ("styleinject.train.cli", "styleinject.eval.cli", "api.cli")
@@ -101,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -112,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UserError, AdapterLoadError, FileNotFoundError, ValueError) as exc:
-        print(f"styleinject {args.command}: error: {exc}", file=sys.stderr)
+        # library errors name options by field; say them as this command's flags
+        flags = option_names(_subparser(parser, args.command))
+        print(f"styleinject {args.command}: error: {render_message(exc, flags)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"styleinject {args.command}: interrupted", file=sys.stderr)

@@ -19,7 +19,7 @@ import string
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["API_FIELD_NAMES", "FieldError", "api_message", "render_message"]
+__all__ = ["API_FIELD_NAMES", "FieldError", "api_message", "first_line", "option_names", "render_message"]
 
 _FORMATTER = string.Formatter()
 
@@ -131,3 +131,22 @@ def api_message(exc: BaseException, renames: Mapping[str, str] | None = None) ->
     by ``renames``). A non-FieldError gets ``str(exc)``; no command-line flag comes from here."""
     names = {**API_FIELD_NAMES, **(renames or {})}
     return render_message(exc, names)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name): for ``(cause)`` asides."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def option_names(parser, aliases: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Field -> command-line flag for an argparse parser: each option's ``dest`` (the field it sets)
+    -> its first long option string, so the map cannot drift from the parser. ``aliases`` adds
+    field -> flag pairs for fields an option sets under another name."""
+    out: dict[str, str] = {}
+    for action in parser._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if longs and action.dest not in ("help", "version"):
+            out.setdefault(action.dest, longs[0])
+    out.update(aliases or {})
+    return out

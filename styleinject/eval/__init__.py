@@ -22,7 +22,8 @@ _EXPORTS = {
     "CLIPScorer": "styleinject.eval.scorers",
     "PickScorer": "styleinject.eval.scorers",
     "get_scorer": "styleinject.eval.scorers",
-    "ImageRewardScorer": "styleinject.eval.imagereward",
+    "ImageRewardScorer": "styleinject.eval.scorers",
+    "SCORERS": "styleinject.eval.scorers",
 }
 
 __all__ = sorted(_EXPORTS)

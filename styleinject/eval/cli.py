@@ -5,7 +5,9 @@ Nothing heavy is imported at module level: the library CLI imports this module t
 
 from __future__ import annotations
 
-SCORER_CHOICES = ("clipscore", "pickscore", "imagereward")
+from styleinject.names import SCORER_NAMES
+
+SCORER_CHOICES = SCORER_NAMES
 
 
 def add_commands(subparsers) -> None:
@@ -103,7 +105,7 @@ def run_eval(args) -> int:
         prompts = select_prompts(load_prompts(args.prompts), categories=args.categories,
                                  per_category=args.per_category, limit=args.limit)
     except (PromptFileError, ValueError) as error:
-        raise UserError(str(error)) from error
+        raise UserError(str(error)) from error  # no option fields in these
     output = Path(args.output)
     total = len(prompts) * len(args.seeds)
     print(f"evaluating {len(prompts)} prompts x {len(args.seeds)} seeds = {total} samples "
@@ -121,8 +123,8 @@ def run_eval(args) -> int:
                 output_dir=output, save_images=args.save_images, device=args.device,
                 dtype=getattr(torch, args.dtype) if args.dtype else None, batch_size=args.batch_size,
                 progress=lambda done, _total: bar.update(done - bar.n))
-        except ScorerLoadError as error:
-            raise UserError(str(error)) from error
+        except ScorerLoadError:
+            raise  # names its option by field: `styleinject` main renders it as our flag (--clip-model)
         except OSError as error:  # e.g. a hub id that cannot be fetched offline
             from styleinject.eval.scorers import one_line
 

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
+from styleinject.errors import FieldError
+
 CATEGORIES = (
     "artistic_design",
     "natural_photography",
@@ -30,7 +32,7 @@ DEFAULT_SEEDS = (0, 1, 2, 3)
 CUSTOM_CATEGORY = "custom"
 
 
-class PromptFileError(ValueError):
+class PromptFileError(FieldError):
     """A prompt file is missing or malformed; the message names the file and the line."""
 
 
@@ -58,7 +60,7 @@ def load_prompts(path: str | Path | None = None) -> list[Prompt]:
     """
     path = suite_path() if path is None else Path(path)
     if not path.is_file():
-        raise PromptFileError(f"prompt file not found: {path}")
+        raise PromptFileError.text(f"prompt file not found: {path}")
     rows: list[dict] = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -71,17 +73,17 @@ def load_prompts(path: str | Path | None = None) -> list[Prompt]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as error:
-                raise PromptFileError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+                raise PromptFileError.text(f"{path}:{number}: not valid JSON ({error.msg})") from error
             text = obj.get("text", obj.get("prompt")) if isinstance(obj, dict) else None
             if not isinstance(text, str) or not text.strip():
-                raise PromptFileError(f'{path}:{number}: expected an object with a non-empty "text"')
+                raise PromptFileError.text(f'{path}:{number}: expected an object with a non-empty "text"')
             rows.append({"id": obj.get("id"), "category": obj.get("category"), "text": text.strip()})
     if not rows:
-        raise PromptFileError(f"{path}: no prompts in the file")
+        raise PromptFileError.text(f"{path}: no prompts in the file")
     try:
         return as_prompts(rows)
     except ValueError as error:
-        raise PromptFileError(f"{path}: {error}") from error
+        raise PromptFileError.text(f"{path}: {error}") from error
 
 
 def select_prompts(

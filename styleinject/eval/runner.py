@@ -24,9 +24,7 @@ from typing import Any
 
 from styleinject.eval.prompts import DEFAULT_SEEDS, Prompt, as_prompts, load_prompts
 from styleinject.eval.scorers import Scorer, get_scorer
-
-# Keys of `scorer_paths`: a hub id or local folder for each model a scorer loads.
-SCORER_PATH_KEYS = ("clipscore", "pickscore", "pickscore_processor", "imagereward", "imagereward_tokenizer")
+from styleinject.names import SCORER_PATH_KEYS  # keys of `scorer_paths`: a hub id or folder per model
 
 # Two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30; beyond, a Cornish-Fisher expansion.
 _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010,

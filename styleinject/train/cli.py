@@ -1,6 +1,7 @@
 """``styleinject finetune|distill|dreambooth``: the training commands.
 
-Only argparse is imported at module level so ``styleinject --help`` stays fast; the defaults below
+Only argparse and the light ``styleinject.errors`` / ``styleinject.names`` are imported at module
+level so ``styleinject --help`` stays fast; the defaults below
 mirror StyleInjectConfig and TrainConfig (the paper's: r=32, n=16, alpha=r, DMA+STA on to_q and
 plain low rank on to_v, AdamW at a constant 1e-4).
 """
@@ -8,7 +9,11 @@ plain low rank on to_v, AdamW at a constant 1e-4).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+
+from styleinject.errors import option_names, render_message
+from styleinject.names import DISTILL_TEXT_MODES, MIXED_PRECISIONS, TRAIN_KINDS
 
 EXIT_BAD_INPUT = 2
 
@@ -29,7 +34,7 @@ _DATA_HELP = {
 
 def add_commands(subparsers) -> None:
     """Add the finetune, distill and dreambooth sub-commands to an argparse ``subparsers``."""
-    for kind in ("finetune", "distill", "dreambooth"):
+    for kind in TRAIN_KINDS:
         parser = subparsers.add_parser(kind, help=_DESCRIPTIONS[kind], description=_DESCRIPTIONS[kind],
                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _add_arguments(parser, kind)
@@ -40,7 +45,7 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     io = p.add_argument_group("input and output")
     io.add_argument("--base-model", required=True, help="student base model: diffusers folder or hub id")
     io.add_argument("--data", required=True, help=_DATA_HELP[kind])
-    io.add_argument("--output", required=True, help="output folder: final adapter, checkpoints/, validation/")
+    io.add_argument("--output", required=True, dest="output_dir", metavar="OUTPUT", help="output folder: final adapter, checkpoints/, validation/")
     io.add_argument("--skip-bad", action="store_true", help="skip (and count) bad items instead of stopping")
 
     tr = p.add_argument_group("training")
@@ -52,12 +57,12 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     tr.add_argument("--random-flip", action="store_true", help="mirror half of the images")
     tr.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and noise")
     tr.add_argument("--batch-size", type=int, default=1, help="samples per device per micro-step")
-    tr.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    tr.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant)")
+    tr.add_argument("--grad-accum", type=int, default=1, dest="gradient_accumulation_steps", metavar="GRAD_ACCUM", help="micro-steps per optimizer step")
+    tr.add_argument("--lr", type=float, default=1e-4, dest="learning_rate", metavar="LR", help="AdamW learning rate (constant)")
     tr.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps before the constant lr")
     tr.add_argument("--snr-gamma", type=float, default=None, help="min-SNR loss weighting gamma (e.g. 5); "
                     "off by default" + ("" if kind != "distill" else " (not used by distill)"))
-    tr.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+    tr.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default="no",
                     help="autocast precision; adapter weights stay fp32")
     tr.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     tr.add_argument("--checkpoint-every", type=int, default=500, help="save a checkpoint every N steps (0: "
@@ -68,7 +73,7 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
                          "and optimizer state)")
     tr.add_argument("--validation-every", type=int, default=0, help="sample the validation prompts every "
                     "N steps into OUTPUT/validation/ (0: off)")
-    tr.add_argument("--validation-prompt", action="append", default=[], metavar="PROMPT",
+    tr.add_argument("--validation-prompt", action="append", default=[], metavar="PROMPT", dest="validation_prompts",
                     help="a validation prompt (repeat the flag for several)")
     tr.add_argument("--sample-steps", type=int, default=30, help="Euler Ancestral steps for validation"
                     + {"distill": ", teacher samples", "dreambooth": ", class images"}.get(kind, "") + " images")
@@ -79,12 +84,12 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     ad.add_argument("--num-styles", type=int, default=16, help="n: style down-projections mixed by the router")
     ad.add_argument("--alpha", type=float, default=None, help="scale numerator, update = alpha/r * B A x "
                     "(default: equal to --rank)")
-    ad.add_argument("--targets", nargs="+", default=["to_q", "to_v"], metavar="NAME",
+    ad.add_argument("--targets", nargs="+", default=["to_q", "to_v"], metavar="NAME", dest="target_modules",
                     help="Linear layers that get an adapter (name suffix or regex)")
-    ad.add_argument("--style-targets", nargs="*", default=["to_q"], metavar="NAME",
+    ad.add_argument("--style-targets", nargs="*", default=["to_q"], metavar="NAME", dest="style_modules",
                     help="of those, the layers that get DMA + STA (the rest: plain low rank)")
     conv_default = ["conv1", "conv2"] if kind == "distill" else []
-    ad.add_argument("--conv-targets", nargs="*", default=conv_default, metavar="NAME",
+    ad.add_argument("--conv-targets", nargs="*", default=conv_default, metavar="NAME", dest="conv_target_modules",
                     help="Conv2d layers that get a low-rank adapter (e.g. conv1 conv2: the resnets)")
     ad.add_argument("--no-dma", action="store_true", help="ablation: no dynamic multi-style mixing (n=1)")
     ad.add_argument("--no-sta", action="store_true", help="ablation: no AdaIN style transfer term")
@@ -95,7 +100,7 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
         ds.add_argument("--feat-kd-weight", type=float, default=1.0, help="lambda of L_FeatKD (shared text encoder)")
         ds.add_argument("--feat-kd-blocks", nargs="+", default=["down_blocks.1", "mid_block", "up_blocks.0"],
                         metavar="BLOCK", help="UNet blocks whose outputs L_FeatKD matches")
-        ds.add_argument("--distill-text", choices=["auto", "shared", "unshared"], default="auto",
+        ds.add_argument("--distill-text", choices=DISTILL_TEXT_MODES, default="auto",
                         help="shared: both UNets get 'text' (OutKD + FeatKD); unshared: the teacher gets "
                              "'teacher_text' (OutKD only); auto: unshared iff the data has teacher_text")
     if kind == "dreambooth":
@@ -112,15 +117,15 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
 def config_from_args(args: argparse.Namespace):
     """TrainConfig from parsed arguments."""
     from styleinject.adapters import StyleInjectConfig
-    from styleinject.train.loop import TrainConfig
+    from styleinject.train.config import TrainConfig
 
     if args.lora:
-        adapter = StyleInjectConfig.lora(rank=args.rank, alpha=args.alpha, target_modules=args.targets,
-                                         conv_target_modules=args.conv_targets)
+        adapter = StyleInjectConfig.lora(rank=args.rank, alpha=args.alpha, target_modules=args.target_modules,
+                                         conv_target_modules=args.conv_target_modules)
     else:
         adapter = StyleInjectConfig(rank=args.rank, num_styles=args.num_styles, alpha=args.alpha,
-                                    target_modules=args.targets, style_modules=args.style_targets,
-                                    conv_target_modules=args.conv_targets, dma=not args.no_dma,
+                                    target_modules=args.target_modules, style_modules=args.style_modules,
+                                    conv_target_modules=args.conv_target_modules, dma=not args.no_dma,
                                     sta=not args.no_sta)
     extra = {}
     if args.kind == "distill":
@@ -131,19 +136,28 @@ def config_from_args(args: argparse.Namespace):
                  "class_data": args.class_data, "num_class_images": args.num_class_images,
                  "prior_loss_weight": args.prior_loss_weight}
     return TrainConfig(
-        kind=args.kind, base_model=args.base_model, data=args.data, output_dir=args.output, steps=args.steps,
-        resolution=args.resolution, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr, lr_warmup_steps=args.lr_warmup_steps, seed=args.seed,
+        kind=args.kind, base_model=args.base_model, data=args.data, output_dir=args.output_dir, steps=args.steps,
+        resolution=args.resolution, batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate, lr_warmup_steps=args.lr_warmup_steps, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         snr_gamma=args.snr_gamma, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, validation_every=args.validation_every,
-        validation_prompts=args.validation_prompt, sample_steps=args.sample_steps,
+        validation_prompts=args.validation_prompts, sample_steps=args.sample_steps,
         center_crop=not args.random_crop, random_flip=args.random_flip, skip_bad=args.skip_bad,
         adapter=adapter, **extra)
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+@functools.cache
+def field_flags(kind: str) -> dict[str, str]:
+    """TrainConfig / StyleInjectConfig field -> this command's flag (from the parser itself)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_arguments(parser, kind)
+    return option_names(parser)
+
+
+def _fail(error: BaseException, kind: str) -> None:
+    """One line on stderr (fields named as this command's flags) and exit 2."""
+    print(f"error: {render_message(error, field_flags(kind))}", file=sys.stderr)
     raise SystemExit(EXIT_BAD_INPUT)
 
 
@@ -166,7 +180,7 @@ def run_command(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         cfg.check()
     except (ValueError, TrainingError) as exc:
-        _fail(str(exc))
+        _fail(exc, args.kind)
 
     cancel = threading.Event()
 
@@ -197,7 +211,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         result = run_training(cfg, progress=show, should_cancel=cancel.is_set)
     except (DatasetError, TrainingError, AdapterLoadError) as exc:
-        _fail(str(exc))
+        _fail(exc, args.kind)
     finally:
         for bar in bars:
             bar.close()

@@ -37,6 +37,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from styleinject.errors import FieldError
+from styleinject.names import ARCHIVE_SUFFIXES, PROMPTS_SUFFIXES, TRAIN_KINDS
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 CAPTION_EXTENSION = ".txt"
 METADATA_NAME = "metadata.jsonl"
@@ -48,11 +51,12 @@ MAX_EXTRACT_FILES = 200_000  # members (files + folders) an archive may hold
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's default bomb limit (warning level); above it is an error
 _COPY_CHUNK = 1 << 20
 
-KINDS = ("finetune", "distill", "dreambooth")
+KINDS = TRAIN_KINDS  # the old name, kept for callers
 
 
-class DatasetError(ValueError):
-    """A dataset that cannot be used; the message names the file, the problem and the fix."""
+class DatasetError(FieldError):
+    """A dataset that cannot be used; the message names the file, the problem and the fix.
+    Options appear as fields (``{skip_bad}``, ``{data}``): see :mod:`styleinject.errors`."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ class LoadedDataset:
 
 def is_archive(path: str | os.PathLike) -> bool:
     name = str(path).lower()
-    return name.endswith((".zip", ".tar", ".tar.gz", ".tgz"))
+    return name.endswith(ARCHIVE_SUFFIXES)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -104,16 +108,16 @@ def _fmt_bytes(n: int) -> str:
 def _member_parts(archive: str, name: str) -> list[str] | None:
     """Checked path parts of an archive member; ``None`` for entries to skip (OS clutter)."""
     if "\x00" in name:
-        raise DatasetError(f"{archive}: member {name!r} has a NUL byte in its name; rebuild the archive")
+        raise DatasetError.text(f"{archive}: member {name!r} has a NUL byte in its name; rebuild the archive")
     norm = name.replace("\\", "/")
     if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm):
-        raise DatasetError(
+        raise DatasetError.text(
             f"{archive}: member {name!r} has an absolute path; rebuild the archive with paths "
             "relative to the dataset folder"
         )
     parts = [p for p in norm.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise DatasetError(
+        raise DatasetError.text(
             f"{archive}: member {name!r} points outside the extraction folder (path traversal); "
             "rebuild the archive with plain relative paths"
         )
@@ -127,7 +131,7 @@ def _member_parts(archive: str, name: str) -> list[str] | None:
 def _target(dest: Path, archive: str, name: str, parts: list[str]) -> Path:
     target = dest.joinpath(*parts)
     if not target.resolve().is_relative_to(dest.resolve()):  # belt and braces after the parts check
-        raise DatasetError(f"{archive}: member {name!r} points outside the extraction folder")
+        raise DatasetError.text(f"{archive}: member {name!r} points outside the extraction folder")
     return target
 
 
@@ -141,7 +145,7 @@ def _copy_counted(src, target: Path, archive: str, name: str, declared: int, bud
         # "xb": never overwrite, never follow a pre-existing link (there is none: we create no links)
         out = open(target, "xb")
     except (FileExistsError, IsADirectoryError, NotADirectoryError):
-        raise DatasetError(f"{archive}: member {name!r} clashes with another member of the same "
+        raise DatasetError.text(f"{archive}: member {name!r} clashes with another member of the same "
                            "name; rebuild the archive") from None
     with out:
         while True:
@@ -151,12 +155,12 @@ def _copy_counted(src, target: Path, archive: str, name: str, declared: int, bud
             written += len(chunk)
             budget[0] += len(chunk)
             if written > declared:
-                raise DatasetError(
+                raise DatasetError.text(
                     f"{archive}: member {name!r} holds more data than its declared size "
                     f"({_fmt_bytes(declared)}); the archive is malformed, rebuild it"
                 )
             if budget[0] > max_bytes:
-                raise DatasetError(
+                raise DatasetError.text(
                     f"{archive}: archive expands to more than {_fmt_bytes(max_bytes)} "
                     "(decompression-bomb limit); split the dataset or raise the limit"
                 )
@@ -165,11 +169,11 @@ def _copy_counted(src, target: Path, archive: str, name: str, declared: int, bud
 
 def _check_totals(archive: str, count: int, total: int, max_files: int, max_bytes: int) -> None:
     if count > max_files:
-        raise DatasetError(
+        raise DatasetError.text(
             f"{archive}: archive holds more than {max_files} entries; split the dataset or raise the limit"
         )
     if total > max_bytes:
-        raise DatasetError(
+        raise DatasetError.text(
             f"{archive}: archive expands to {_fmt_bytes(total)}, more than the limit of "
             f"{_fmt_bytes(max_bytes)} (decompression-bomb guard); split the dataset or raise the limit"
         )
@@ -180,7 +184,7 @@ def _extract_zip(path: Path, dest: Path, max_bytes: int, max_files: int) -> int:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise DatasetError(f"{archive}: not a readable zip archive ({exc}); re-create the zip") from None
+        raise DatasetError.text(f"{archive}: not a readable zip archive ({exc}); re-create the zip") from None
     with zf:
         infos = zf.infolist()
         # 1. check every member before writing anything
@@ -192,23 +196,23 @@ def _extract_zip(path: Path, dest: Path, max_bytes: int, max_files: int) -> int:
             parts = _member_parts(archive, info.filename)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
-                raise DatasetError(
+                raise DatasetError.text(
                     f"{archive}: member {info.filename!r} is a symbolic link; archives may hold "
                     "only regular files and folders, replace the link by the file"
                 )
             if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-                raise DatasetError(
+                raise DatasetError.text(
                     f"{archive}: member {info.filename!r} is a device file, FIFO or socket; "
                     "archives may hold only regular files and folders"
                 )
             if info.flag_bits & 0x1:
-                raise DatasetError(f"{archive}: member {info.filename!r} is encrypted; upload an unencrypted zip")
+                raise DatasetError.text(f"{archive}: member {info.filename!r} is encrypted; upload an unencrypted zip")
             if parts is None:
                 continue
             key = "/".join(parts).lower()
             if not info.is_dir():
                 if key in seen:
-                    raise DatasetError(f"{archive}: member {info.filename!r} appears twice; rebuild the archive")
+                    raise DatasetError.text(f"{archive}: member {info.filename!r} appears twice; rebuild the archive")
                 seen.add(key)
                 total += info.file_size
             _check_totals(archive, len(infos), total, max_files, max_bytes)
@@ -225,7 +229,7 @@ def _extract_zip(path: Path, dest: Path, max_bytes: int, max_files: int) -> int:
                 with zf.open(info) as src:
                     _copy_counted(src, target, archive, info.filename, info.file_size, budget, max_bytes)
             except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
-                raise DatasetError(
+                raise DatasetError.text(
                     f"{archive}: member {info.filename!r} is corrupt ({exc}); re-create the zip"
                 ) from None
             files += 1
@@ -237,7 +241,7 @@ def _extract_tar(path: Path, dest: Path, max_bytes: int, max_files: int) -> int:
     try:
         tf = tarfile.open(path, mode="r:*")
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise DatasetError(f"{archive}: not a readable tar archive ({exc}); re-create the archive") from None
+        raise DatasetError.text(f"{archive}: not a readable tar archive ({exc}); re-create the archive") from None
     budget = [0]
     files = count = 0
     total = 0
@@ -250,17 +254,17 @@ def _extract_tar(path: Path, dest: Path, max_bytes: int, max_files: int) -> int:
                 parts = _member_parts(archive, member.name)
                 if member.issym() or member.islnk():
                     kind = "symbolic" if member.issym() else "hard"
-                    raise DatasetError(
+                    raise DatasetError.text(
                         f"{archive}: member {member.name!r} is a {kind} link; archives may hold only "
                         "regular files and folders, replace the link by the file"
                     )
                 if member.ischr() or member.isblk() or member.isfifo():
-                    raise DatasetError(
+                    raise DatasetError.text(
                         f"{archive}: member {member.name!r} is a device file or FIFO; archives may "
                         "hold only regular files and folders"
                     )
                 if not (member.isreg() or member.isdir()):
-                    raise DatasetError(
+                    raise DatasetError.text(
                         f"{archive}: member {member.name!r} has an unsupported type; archives may "
                         "hold only regular files and folders"
                     )
@@ -275,16 +279,16 @@ def _extract_tar(path: Path, dest: Path, max_bytes: int, max_files: int) -> int:
                     continue
                 key = "/".join(parts).lower()
                 if key in seen:
-                    raise DatasetError(f"{archive}: member {member.name!r} appears twice; rebuild the archive")
+                    raise DatasetError.text(f"{archive}: member {member.name!r} appears twice; rebuild the archive")
                 seen.add(key)
                 src = tf.extractfile(member)
                 if src is None:  # pragma: no cover - isreg() members always have a stream
-                    raise DatasetError(f"{archive}: member {member.name!r} cannot be read")
+                    raise DatasetError.text(f"{archive}: member {member.name!r} cannot be read")
                 with src:
                     _copy_counted(src, target, archive, member.name, member.size, budget, max_bytes)
                 files += 1
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-            raise DatasetError(f"{archive}: archive is truncated or corrupt ({exc}); re-create it") from None
+            raise DatasetError.text(f"{archive}: archive is truncated or corrupt ({exc}); re-create it") from None
     return files
 
 
@@ -300,9 +304,9 @@ def safe_extract(archive_path: str | os.PathLike, dest_dir: str | os.PathLike, *
     path = Path(archive_path)
     dest = Path(dest_dir)
     if not path.is_file():
-        raise DatasetError(f"{path}: archive not found; check the path")
+        raise DatasetError.text(f"{path}: archive not found; check the path")
     if dest.exists() and any(dest.iterdir()):
-        raise DatasetError(f"{dest}: extraction folder is not empty; choose an empty folder")
+        raise DatasetError.text(f"{dest}: extraction folder is not empty; choose an empty folder")
     dest.mkdir(parents=True, exist_ok=True)
     try:
         if path.name.lower().endswith(".zip"):
@@ -310,9 +314,9 @@ def safe_extract(archive_path: str | os.PathLike, dest_dir: str | os.PathLike, *
         elif is_archive(path):
             files = _extract_tar(path, dest, max_bytes, max_files)
         else:
-            raise DatasetError(f"{path.name}: not a .zip, .tar, .tar.gz or .tgz archive")
+            raise DatasetError.text(f"{path.name}: not a .zip, .tar, .tar.gz or .tgz archive")
         if files == 0:
-            raise DatasetError(f"{path.name}: archive is empty (no files); add the images and captions")
+            raise DatasetError.text(f"{path.name}: archive is empty (no files); add the images and captions")
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
@@ -322,10 +326,6 @@ def safe_extract(archive_path: str | os.PathLike, dest_dir: str | os.PathLike, *
 # --------------------------------------------------------------------------------------------
 # Reading and validating
 # --------------------------------------------------------------------------------------------
-
-
-def _skip_hint(skip_bad: bool) -> str:
-    return "" if skip_bad else " or pass --skip-bad to leave it out"
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
@@ -338,9 +338,9 @@ def decode_image(data: bytes, name: str) -> Image.Image:
             img = Image.open(io.BytesIO(data))
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DatasetError(f"{name}: image is too large to decode safely ({exc}); resize it") from None
+        raise DatasetError.text(f"{name}: image is too large to decode safely ({exc}); resize it") from None
     except Exception as exc:  # PIL raises many types for corrupt data
-        raise DatasetError(f"{name}: cannot decode image ({type(exc).__name__}: {exc}); "
+        raise DatasetError.text(f"{name}: cannot decode image ({type(exc).__name__}: {exc}); "
                            "replace the file") from None
     return img
 
@@ -349,7 +349,7 @@ def _read_text(path: Path, name: str) -> str:
     try:
         return path.read_text(encoding="utf-8").strip()
     except UnicodeDecodeError:
-        raise DatasetError(f"{name}: caption is not UTF-8 text; save it as UTF-8") from None
+        raise DatasetError.text(f"{name}: caption is not UTF-8 text; save it as UTF-8") from None
 
 
 def _visible(root: Path):
@@ -383,8 +383,9 @@ class _Collector:
         self.skipped: list[str] = []
 
     def bad(self, message: str) -> None:
+        """``message``: the problem and the fix, in plain text (file names and all)."""
         if not self.skip_bad:
-            raise DatasetError(message)
+            raise DatasetError("{problem} or pass {skip_bad} to leave it out", problem=message)
         self.skipped.append(message)
 
 
@@ -393,7 +394,7 @@ def _check_image(path: Path, name: str, col: _Collector, hasher: dict[str, str])
     try:
         decode_image(data, name)
     except DatasetError as exc:
-        col.bad(str(exc) + _skip_hint(col.skip_bad))
+        col.bad(str(exc))
         return False
     hasher[name] = hashlib.sha256(data).hexdigest()
     return True
@@ -410,24 +411,22 @@ def _read_captions_folder(root: Path, kind: str, col: _Collector, hashes: dict[s
         if suffix == CAPTION_EXTENSION:
             if need_caption and f.with_suffix("") not in image_stems:
                 col.bad(f"{rel}: caption without an image (expected {f.stem}.png/.jpg/... next to it); "
-                        "add the image or remove the caption" + _skip_hint(col.skip_bad))
+                        "add the image or remove the caption")
             continue
         if suffix not in IMAGE_EXTENSIONS:
             col.bad(f"{rel}: not an image or caption file (images: {', '.join(sorted(IMAGE_EXTENSIONS))}, "
-                    f"captions: same-name .txt); remove it" + _skip_hint(col.skip_bad))
+                    f"captions: same-name .txt); remove it")
             continue
         text = None
         cap = captions.get(f.with_suffix(""))
         if need_caption:
             if cap is None:
                 expected = f.with_suffix(CAPTION_EXTENSION).relative_to(root).as_posix()
-                col.bad(f"{rel}: no caption (expected {expected} next to it); add one"
-                        + _skip_hint(col.skip_bad))
+                col.bad(f"{rel}: no caption (expected {expected} next to it); add one")
                 continue
             text = _read_text(cap, cap.relative_to(root).as_posix())
             if not text:
-                col.bad(f"{cap.relative_to(root).as_posix()}: caption is empty; write a caption"
-                        + _skip_hint(col.skip_bad))
+                col.bad(f"{cap.relative_to(root).as_posix()}: caption is empty; write a caption")
                 continue
         elif cap is not None:
             text = _read_text(cap, cap.relative_to(root).as_posix()) or None
@@ -440,17 +439,17 @@ def _json_lines(path: Path, name: str, col: _Collector):
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise DatasetError(f"{name}: not UTF-8 text; save it as UTF-8") from None
+        raise DatasetError.text(f"{name}: not UTF-8 text; save it as UTF-8") from None
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
-            col.bad(f"{name} line {lineno}: invalid JSON ({exc.msg}); fix the line" + _skip_hint(col.skip_bad))
+            col.bad(f"{name} line {lineno}: invalid JSON ({exc.msg}); fix the line")
             continue
         if not isinstance(rec, dict):
-            col.bad(f"{name} line {lineno}: expected a JSON object; fix the line" + _skip_hint(col.skip_bad))
+            col.bad(f"{name} line {lineno}: expected a JSON object; fix the line")
             continue
         yield lineno, rec
 
@@ -459,11 +458,11 @@ def _text_field(rec: dict, key: str, where: str, col: _Collector, required: bool
     value = rec.get(key)
     if value is None:
         if required:
-            col.bad(f"{where}: missing \"{key}\"; add the caption" + _skip_hint(col.skip_bad))
+            col.bad(f"{where}: missing \"{key}\"; add the caption")
             return False, None
         return True, None
     if not isinstance(value, str) or not value.strip():
-        col.bad(f"{where}: \"{key}\" is empty or not a string; write the caption" + _skip_hint(col.skip_bad))
+        col.bad(f"{where}: \"{key}\" is empty or not a string; write the caption")
         return False, None
     return True, value.strip()
 
@@ -476,11 +475,11 @@ def _read_metadata(root: Path, kind: str, col: _Collector, hashes: dict[str, str
         where = f"{METADATA_NAME} line {lineno}"
         fname = rec.get("file_name")
         if not isinstance(fname, str) or not fname:
-            col.bad(f"{where}: missing \"file_name\"; name the image file" + _skip_hint(col.skip_bad))
+            col.bad(f"{where}: missing \"file_name\"; name the image file")
             continue
         norm = fname.replace("\\", "/")
         if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm) or ".." in norm.split("/"):
-            raise DatasetError(f"{where}: file_name {fname!r} must be a path relative to the "
+            raise DatasetError.text(f"{where}: file_name {fname!r} must be a path relative to the "
                                f"{METADATA_NAME} folder, without '..'; fix it")
         img = root.joinpath(*[p for p in norm.split("/") if p not in ("", ".")])
         ok, text = _text_field(rec, "text", where, col, required=need_caption)
@@ -490,12 +489,11 @@ def _read_metadata(root: Path, kind: str, col: _Collector, hashes: dict[str, str
         if not ok:
             continue
         if not img.is_file():
-            col.bad(f"{where}: image {fname!r} not found next to {METADATA_NAME}; add it or fix the name"
-                    + _skip_hint(col.skip_bad))
+            col.bad(f"{where}: image {fname!r} not found next to {METADATA_NAME}; add it or fix the name")
             continue
         if img.suffix.lower() not in IMAGE_EXTENSIONS:
             col.bad(f"{fname}: not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                    "fix the file_name" + _skip_hint(col.skip_bad))
+                    "fix the file_name")
             continue
         listed.add(img)
         if _check_image(img, norm, col, hashes):
@@ -506,10 +504,9 @@ def _read_metadata(root: Path, kind: str, col: _Collector, hashes: dict[str, str
         rel = f.relative_to(root).as_posix()
         if f.suffix.lower() in IMAGE_EXTENSIONS:
             if need_caption:
-                col.bad(f"{rel}: no caption (not listed in {METADATA_NAME}); add a line for it"
-                        + _skip_hint(col.skip_bad))
+                col.bad(f"{rel}: no caption (not listed in {METADATA_NAME}); add a line for it")
         else:
-            col.bad(f"{rel}: not an image, caption or {METADATA_NAME}; remove it" + _skip_hint(col.skip_bad))
+            col.bad(f"{rel}: not an image, caption or {METADATA_NAME}; remove it")
     return "metadata"
 
 
@@ -527,7 +524,7 @@ def _read_prompts(path: Path, col: _Collector) -> None:
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
-            raise DatasetError(f"{path.name}: not UTF-8 text; save it as UTF-8") from None
+            raise DatasetError.text(f"{path.name}: not UTF-8 text; save it as UTF-8") from None
         for lineno, line in enumerate(lines, 1):
             if line.strip():
                 col.items.append(Item(name=f"line {lineno}", image=None, text=line.strip()))
@@ -550,10 +547,10 @@ def load_dataset(path: str | os.PathLike, kind: str = "finetune", *, workdir: st
     """Read and fully validate a dataset. Archives are extracted into ``workdir/data`` (required
     for archives); the returned items point into that folder."""
     if kind not in KINDS:
-        raise DatasetError(f"unknown training kind {kind!r}; use one of {', '.join(KINDS)}")
+        raise DatasetError.text(f"unknown training kind {kind!r}; use one of {', '.join(KINDS)}")
     src = Path(path)
     if not src.exists():
-        raise DatasetError(f"{src}: dataset not found; check the --data path")
+        raise DatasetError("{path}: dataset not found; check the {data} path", path=src)
     col = _Collector(skip_bad)
     hashes: dict[str, str] = {}
     fmt = "folder"
@@ -568,14 +565,14 @@ def load_dataset(path: str | os.PathLike, kind: str = "finetune", *, workdir: st
         root = _dataset_root(safe_extract(src, dest, max_bytes=max_bytes, max_files=max_files))
     elif src.is_file() and src.name == METADATA_NAME:
         root = src.parent
-    elif src.is_file() and src.suffix.lower() in (".txt", ".jsonl"):
+    elif src.is_file() and src.suffix.lower() in PROMPTS_SUFFIXES:
         if kind != "distill":
-            raise DatasetError(f"{src.name}: a prompts-only file works for distill only; {kind} needs "
+            raise DatasetError.text(f"{src.name}: a prompts-only file works for distill only; {kind} needs "
                                "images: pass a folder, .zip or .tar(.gz) of images with captions")
         _read_prompts(src, col)
         fmt, root, layout = "prompts", None, "prompts"
     elif src.is_file():
-        raise DatasetError(f"{src.name}: unsupported dataset file; pass a folder, .zip, .tar(.gz), "
+        raise DatasetError.text(f"{src.name}: unsupported dataset file; pass a folder, .zip, .tar(.gz), "
                            f"{METADATA_NAME} or (distill) a prompts .txt/.jsonl")
     else:
         root = _dataset_root(src)
@@ -587,12 +584,12 @@ def load_dataset(path: str | os.PathLike, kind: str = "finetune", *, workdir: st
     teacher = [it.teacher_text is not None for it in col.items]
     if any(teacher) and not all(teacher):
         missing = next(it.name for it in col.items if it.teacher_text is None)
-        raise DatasetError(f"{missing}: no \"teacher_text\" while other items have one; give every "
+        raise DatasetError.text(f"{missing}: no \"teacher_text\" while other items have one; give every "
                            "item a teacher_text or none")
     if not col.items:
         what = "prompts" if layout == "prompts" else "usable images"
         extra = f" ({len(col.skipped)} skipped as bad)" if col.skipped else ""
-        raise DatasetError(f"{src.name}: no {what} found{extra}; add data to the dataset")
+        raise DatasetError.text(f"{src.name}: no {what} found{extra}; add data to the dataset")
     info = DatasetInfo(format=fmt, num_items=len(col.items), has_teacher_text=all(teacher),
                        sha256=_digest(col.items, hashes), layout=layout,
                        num_skipped=len(col.skipped), skipped=list(col.skipped))
@@ -678,7 +675,7 @@ class ImageTextDataset:
     def __init__(self, items: list[Item], resolution: int, *, center_crop: bool = True,
                  random_flip: bool = False):
         if any(it.image is None for it in items):
-            raise DatasetError("this training kind needs images; the dataset holds prompts only")
+            raise DatasetError.text("this training kind needs images; the dataset holds prompts only")
         self.items, self.resolution = items, resolution
         self.center_crop, self.random_flip = center_crop, random_flip
 

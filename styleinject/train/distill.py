@@ -26,15 +26,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from styleinject.errors import first_line as _first_line
+from styleinject.train.config import TrainingError
+from styleinject.train.context import TrainContext
 from styleinject.train.data import ImageTextDataset
-from styleinject.train.loop import (
-    TrainContext,
-    TrainingError,
-    _first_line,
-    add_noise,
-    encode_images,
-    encode_prompts,
-)
+from styleinject.train.losses import add_noise, encode_images, encode_prompts
 
 CACHE_DIR = "cache"
 CACHE_NAME = "teacher_latents.safetensors"
@@ -54,8 +50,8 @@ class FeatureRecorder:
                 blocks = [n for n, _ in model.named_children() if n.endswith("blocks") or n == "mid_block"]
                 examples = [f"{b}.{c}" for b in blocks for c, _ in getattr(model, b).named_children()] \
                     if blocks else []
-                raise TrainingError(f"--feat-kd-blocks: the UNet has no block {name!r}; use names like "
-                                    f"{', '.join(examples[:6] + ['mid_block'])}") from None
+                raise TrainingError("{feat_kd_blocks}: the UNet has no block {name!r}; use names like {examples}",
+                                    name=name, examples=", ".join(examples[:6] + ["mid_block"])) from None
             self.handles.append(module.register_forward_hook(self._hook(name, detach)))
 
     def _hook(self, name: str, detach: bool):
@@ -97,20 +93,22 @@ class DistillTask:
         try:
             self.teacher = load_pipeline(cfg.teacher_model, device=ctx.device, dtype=models.weight_dtype)
         except (OSError, ValueError) as exc:
-            raise TrainingError(f"--teacher-model {cfg.teacher_model}: cannot load it ({_first_line(exc)}); "
-                                "pass a diffusers Stable Diffusion folder or hub id") from None
+            raise TrainingError("{teacher_model} {path}: cannot load it ({cause}); pass a diffusers Stable "
+                                "Diffusion folder or hub id", path=cfg.teacher_model, cause=_first_line(exc)) from None
         self.teacher.set_progress_bar_config(disable=True)
         for module in (self.teacher.unet, self.teacher.text_encoder, self.teacher.vae):
             module.requires_grad_(False)
         t_unet, s_unet = self.teacher.unet, models.unet
         if t_unet.config.in_channels != s_unet.config.in_channels:
-            raise TrainingError(f"teacher {cfg.teacher_model} has {t_unet.config.in_channels} latent channels, "
-                                f"the student {s_unet.config.in_channels}: distil between models of one family")
+            raise TrainingError("teacher {path} has {teacher} latent channels, the student {student}: distil "
+                                "between models of one family", path=cfg.teacher_model,
+                                teacher=t_unet.config.in_channels, student=s_unet.config.in_channels)
         t_pred = self.teacher.scheduler.config.get("prediction_type", "epsilon")
         s_pred = models.noise_scheduler.config.prediction_type
         if t_pred != s_pred:
-            raise TrainingError(f"teacher predicts {t_pred!r}, the student {s_pred!r}: their outputs are not "
-                                "comparable; pick a teacher with the student's prediction type")
+            raise TrainingError("teacher predicts {teacher!r}, the student {student!r}: their outputs are not "
+                                "comparable; pick a teacher with the student's prediction type",
+                                teacher=t_pred, student=s_pred)
         mode = cfg.distill_text
         if mode == "auto":
             mode = "unshared" if ctx.data.info.has_teacher_text else "shared"
@@ -179,9 +177,9 @@ class DistillTask:
         for name in ctx.cfg.feat_kd_blocks:                                             # L_FeatKD
             f_s, f_t = self.s_rec.features[name], self.t_rec.features[name]
             if f_s.shape != f_t.shape:
-                raise TrainingError(f"--feat-kd-blocks {name}: teacher output {tuple(f_t.shape)} and student "
-                                    f"output {tuple(f_s.shape)} differ; pick blocks with equal shapes or "
-                                    "--feat-kd-weight 0")
+                raise TrainingError("{feat_kd_blocks} {name}: teacher output {teacher} and student output "
+                                    "{student} differ; pick blocks with equal shapes or {feat_kd_weight} 0",
+                                    name=name, teacher=tuple(f_t.shape), student=tuple(f_s.shape))
             feat_kd = feat_kd + F.mse_loss(f_s.float(), f_t.float())
         self.s_rec.features.clear()
         self.t_rec.features.clear()

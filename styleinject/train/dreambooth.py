@@ -13,15 +13,9 @@ from pathlib import Path
 
 import torch
 
+from styleinject.train.context import TrainContext
+from styleinject.train.losses import add_noise, diffusion_loss, diffusion_target, encode_images, encode_prompts
 from styleinject.train.data import IMAGE_EXTENSIONS, ImageTextDataset, Item, load_dataset
-from styleinject.train.loop import (
-    TrainContext,
-    add_noise,
-    diffusion_loss,
-    diffusion_target,
-    encode_images,
-    encode_prompts,
-)
 
 CLASS_DIR = "class_images"
 

@@ -6,15 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from styleinject.train.context import TrainContext
+from styleinject.train.losses import add_noise, diffusion_loss, diffusion_target, encode_images, encode_prompts
 from styleinject.train.data import ImageTextDataset
-from styleinject.train.loop import (
-    TrainContext,
-    add_noise,
-    diffusion_loss,
-    diffusion_target,
-    encode_images,
-    encode_prompts,
-)
 
 
 class FinetuneTask:

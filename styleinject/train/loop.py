@@ -18,138 +18,35 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from styleinject.adapters import StyleInjectConfig, adapter_parameters, inject, load_adapter, save_adapter
+from styleinject.errors import first_line as _first_line
+from styleinject.names import TRAIN_KINDS
 from styleinject.train import checkpoint as ckpt
-from styleinject.train.data import (
-    KINDS,
-    MAX_EXTRACT_BYTES,
-    MAX_EXTRACT_FILES,
-    EpochSampler,
-    LoadedDataset,
-    load_dataset,
+from styleinject.train.config import CONFIG_RECORD, TrainConfig, TrainingError, resume_fixed_fields
+from styleinject.train.context import Models, Task, TrainContext
+from styleinject.train.data import EpochSampler, load_dataset
+from styleinject.train.losses import (  # re-exported: the kinds' shared math used to live here
+    add_noise,
+    collate,
+    diffusion_loss,
+    diffusion_target,
+    encode_images,
+    encode_prompts,
 )
+
+__all__ = ["CONFIG_RECORD", "Models", "Progress", "Task", "TrainConfig", "TrainContext", "TrainResult",
+           "TrainingError", "add_noise", "collate", "diffusion_loss", "diffusion_target", "encode_images",
+           "encode_prompts", "run_training", "training_metadata"]
 
 logger = logging.getLogger("styleinject.train")
 
-CONFIG_RECORD = "train_config.json"
-# Fields a resumed run must share with the run that wrote the checkpoint (the rest, e.g. steps,
-# checkpoint/validation cadence or mixed precision, may change between runs).
-_RESUME_FIXED = ("kind", "base_model", "teacher_model", "adapter", "adapter_name", "seed", "resolution",
-                 "batch_size", "gradient_accumulation_steps", "learning_rate", "lr_warmup_steps",
-                 "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
-                 "snr_gamma", "center_crop", "random_flip", "distill_text", "feat_kd_weight",
-                 "feat_kd_blocks", "instance_prompt", "class_prompt", "num_class_images", "prior_loss_weight")
-
-
-class TrainingError(Exception):
-    """A run that cannot start or continue; the message says what to change."""
-
-
-@dataclass
-class TrainConfig:
-    kind: str
-    base_model: str
-    data: str
-    output_dir: str
-    steps: int
-    resolution: int | None = None  # None: the base model's native size (native_resolution)
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    lr_warmup_steps: int = 0  # linear warm-up, then constant
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
-    gradient_checkpointing: bool = False
-    snr_gamma: float | None = None  # min-SNR weighting (5.0 is the paper's value); None = off
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3  # 0 keeps all
-    resume: str | None = None  # None | "latest" | a checkpoint folder
-    validation_every: int = 0  # 0 = off
-    validation_prompts: list[str] = field(default_factory=list)
-    sample_steps: int = 30  # Euler Ancestral steps for validation, teacher samples, class images
-    guidance_scale: float = 7.5
-    center_crop: bool = True
-    random_flip: bool = False
-    skip_bad: bool = False
-    max_dataset_bytes: int = MAX_EXTRACT_BYTES
-    max_dataset_files: int = MAX_EXTRACT_FILES
-    adapter: StyleInjectConfig = field(default_factory=StyleInjectConfig)
-    adapter_name: str = "default"
-    # distill
-    teacher_model: str | None = None
-    distill_text: str = "auto"  # "auto" | "shared" | "unshared" (auto: unshared iff data has teacher_text)
-    feat_kd_weight: float = 1.0
-    feat_kd_blocks: list[str] = field(default_factory=lambda: ["down_blocks.1", "mid_block", "up_blocks.0"])
-    # dreambooth
-    instance_prompt: str | None = None
-    class_prompt: str | None = None  # set to enable prior preservation
-    class_data: str | None = None
-    num_class_images: int = 100
-    prior_loss_weight: float = 1.0
-
-    def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["adapter"] = self.adapter.to_dict()
-        return json.loads(json.dumps(out))  # JSON-safe copies
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        data = dict(data)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}")
-        adapter = data.get("adapter")
-        if isinstance(adapter, dict):
-            data["adapter"] = StyleInjectConfig.from_dict(adapter)
-        return cls(**data)
-
-    def check(self) -> None:
-        """Raise TrainingError naming the first bad setting and the fix."""
-        problems = []
-        if self.kind not in KINDS:
-            problems.append(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.steps < 1:
-            problems.append(f"--steps must be >= 1 (got {self.steps})")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            problems.append(f"--resolution must be a positive multiple of 8 (got {self.resolution})")
-        if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
-            problems.append("--batch-size and --grad-accum must be >= 1")
-        if not self.learning_rate > 0:
-            problems.append(f"--lr must be > 0 (got {self.learning_rate})")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            problems.append(f"--mixed-precision must be no, fp16 or bf16 (got {self.mixed_precision!r})")
-        if self.checkpoint_every < 0 or self.validation_every < 0:
-            problems.append("--checkpoint-every and --validation-every must be >= 0")
-        if self.validation_every and not self.validation_prompts:
-            problems.append("--validation-every needs at least one --validation-prompt")
-        if self.kind == "distill":
-            if not self.teacher_model:
-                problems.append("distill needs --teacher-model (a diffusers pipeline folder or hub id)")
-            if self.distill_text not in ("auto", "shared", "unshared"):
-                problems.append(f"distill_text must be auto, shared or unshared (got {self.distill_text!r})")
-        if self.kind == "dreambooth":
-            if not self.instance_prompt:
-                problems.append("dreambooth needs --instance-prompt (e.g. 'a photo of sks dog')")
-            if self.class_data and not self.class_prompt:
-                problems.append("--class-data needs --class-prompt (e.g. 'a photo of a dog')")
-            if self.class_prompt and self.num_class_images < 1:
-                problems.append("--num-class-images must be >= 1 with --class-prompt")
-        if problems:
-            raise TrainingError("; ".join(problems))
+# Kind modules, found by name so that they and the loop never import each other.
+KIND_MODULES = {kind: f"styleinject.train.{kind}" for kind in TRAIN_KINDS}
 
 
 @dataclass
@@ -171,108 +68,6 @@ class TrainResult:
     checkpoints: list[Path]
 
 
-@dataclass
-class Models:
-    """The student pipeline's parts. ``unet`` is the model being trained (accelerate-prepared)."""
-
-    pipe: Any  # StableDiffusionPipeline (Euler Ancestral), for validation and sampling
-    tokenizer: Any
-    text_encoder: Any
-    vae: Any
-    unet: Any
-    noise_scheduler: Any  # DDPMScheduler: forward noising and targets
-    weight_dtype: torch.dtype
-
-
-@dataclass
-class TrainContext:
-    cfg: TrainConfig
-    accelerator: Any
-    models: Models
-    data: LoadedDataset
-    generator: torch.Generator  # all training noise comes from here (saved in checkpoints)
-    output_dir: Path
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-
-class Task(Protocol):
-    dataset: Any  # len() and get(index, aug_seed) -> dict of arrays / strings
-
-    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared pieces the kinds use
-# ----------------------------------------------------------------------------------------------
-
-
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids.to(device)
-    with torch.no_grad():
-        return text_encoder(ids)[0]
-
-
-def encode_images(ctx: TrainContext, pixel_values: torch.Tensor) -> torch.Tensor:
-    vae = ctx.models.vae
-    pixel_values = pixel_values.to(ctx.device, dtype=vae.dtype)
-    with torch.no_grad():
-        dist = vae.encode(pixel_values).latent_dist
-    # z ~ N(mean, std) with our generator (the VAE's own sample() would use the global RNG)
-    noise = torch.randn(dist.mean.shape, generator=ctx.generator, device=ctx.device, dtype=dist.mean.dtype)
-    latents = dist.mean + dist.std * noise
-    return latents * vae.config.scaling_factor
-
-
-def add_noise(ctx: TrainContext, latents: torch.Tensor):
-    """z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps, t ~ U{0..T-1}; returns (z_t, eps, t)."""
-    sched = ctx.models.noise_scheduler
-    latents = latents.to(ctx.device, dtype=torch.float32)
-    noise = torch.randn(latents.shape, generator=ctx.generator, device=ctx.device)
-    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=ctx.generator,
-                      device=ctx.device).long()
-    return sched.add_noise(latents, noise, t), noise, t
-
-
-def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":  # v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0
-        return noise_scheduler.get_velocity(latents.float(), noise, t)
-    raise TrainingError(f"scheduler prediction_type {kind!r} is not supported; use epsilon or v_prediction")
-
-
-def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, noise_scheduler,
-                   snr_gamma: float | None) -> torch.Tensor:
-    """L_task = E ||pred - target||^2, optionally min-SNR-gamma weighted (Hang et al. 2023)."""
-    if snr_gamma is None:
-        return F.mse_loss(pred.float(), target.float())
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, t)
-    weights = torch.clamp(snr, max=snr_gamma)
-    weights = weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
-    return (per_sample * weights).mean()
-
-
-def collate(samples: list[dict]) -> dict:
-    out = {}
-    for key in samples[0]:
-        values = [s[key] for s in samples]
-        if isinstance(values[0], np.ndarray):
-            out[key] = torch.from_numpy(np.stack(values))
-        elif torch.is_tensor(values[0]):
-            out[key] = torch.stack(values)
-        else:
-            out[key] = values
-    return out
-
-
 def load_models(cfg: TrainConfig, device, weight_dtype) -> Models:
     from diffusers import DDPMScheduler
 
@@ -282,8 +77,8 @@ def load_models(cfg: TrainConfig, device, weight_dtype) -> Models:
         pipe = load_pipeline(cfg.base_model, device=device, dtype=weight_dtype)
         noise_scheduler = DDPMScheduler.from_pretrained(cfg.base_model, subfolder="scheduler")
     except (OSError, ValueError) as exc:
-        raise TrainingError(f"--base-model {cfg.base_model}: cannot load it ({_first_line(exc)}); pass a "
-                            "diffusers Stable Diffusion folder or hub id") from None
+        raise TrainingError("{base_model} {path}: cannot load it ({cause}); pass a diffusers Stable Diffusion "
+                            "folder or hub id", path=cfg.base_model, cause=_first_line(exc)) from None
     for module in (pipe.text_encoder, pipe.vae, pipe.unet):
         module.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
@@ -297,13 +92,9 @@ def _native_resolution(base_model: str) -> int:
     try:
         return native_resolution(base_model)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TrainingError(f"--base-model {base_model}: cannot read its unet/vae configs ({_first_line(exc)}); "
-                            "pass a diffusers Stable Diffusion folder or hub id, or set --resolution") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        raise TrainingError("{base_model} {path}: cannot read its unet/vae configs ({cause}); pass a diffusers "
+                            "Stable Diffusion folder or hub id, or set {resolution}", path=base_model,
+                            cause=_first_line(exc)) from None
 
 
 def _weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -326,7 +117,7 @@ def _make_accelerator(cfg: TrainConfig):
 def _kind_module(kind: str):
     import importlib
 
-    return importlib.import_module(f"styleinject.train.{kind}")
+    return importlib.import_module(KIND_MODULES[kind])
 
 
 def training_metadata(cfg: TrainConfig, data_sha256: str, steps: int) -> dict[str, str]:
@@ -352,12 +143,12 @@ def _is_lora(adapter: StyleInjectConfig) -> bool:
 
 def _check_resume_compatible(saved: dict, cfg: TrainConfig, data_sha: str, where: Path) -> None:
     now = cfg.to_dict()
-    diffs = [k for k in _RESUME_FIXED if saved["config"].get(k) != now.get(k)]
+    diffs = ["{%s}" % k for k in resume_fixed_fields() if saved["config"].get(k) != now.get(k)]
     if saved.get("data_sha256") != data_sha:
-        diffs.append("data (content changed)")
-    if diffs:
-        raise TrainingError(f"{where}: cannot resume, these settings differ from the run that wrote it: "
-                            f"{', '.join(diffs)}; use the same flags or a new --output")
+        diffs.append("{data} (content changed)")
+    if diffs:  # the differing fields are placeholders, so each front end names them its way
+        raise TrainingError("{path}: cannot resume, these settings differ from the run that wrote it: "
+                            + ", ".join(diffs) + "; use the same settings or a new {output_dir}", path=where)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,15 +179,15 @@ def run_training(cfg: TrainConfig, progress: Callable[[Progress], None] | None =
     if data.info.num_skipped:
         logger.warning("skipped %d bad item(s): %s", data.info.num_skipped, "; ".join(data.info.skipped[:5]))
     if cfg.kind == "distill" and cfg.distill_text == "unshared" and not data.info.has_teacher_text:
-        raise TrainingError(f"{cfg.data}: distill_text=unshared needs a teacher_text for every item "
-                            "(metadata.jsonl or prompts .jsonl)")
+        raise TrainingError("{path}: {distill_text}=unshared needs a teacher_text for every item "
+                            "(metadata.jsonl or prompts .jsonl)", path=cfg.data)
     resume_state = None
     if resume_from is not None:
         try:
             resume_state = ckpt.read_state(resume_from)
         except (ValueError, OSError) as exc:
-            raise TrainingError(f"{resume_from}: unreadable checkpoint ({_first_line(exc)}); resume from "
-                                "another one or start a new --output") from None
+            raise TrainingError("{path}: unreadable checkpoint ({cause}); resume from another one or start a "
+                                "new {output_dir}", path=resume_from, cause=_first_line(exc)) from None
         _check_resume_compatible(resume_state, cfg, data.info.sha256, resume_from)
 
     accelerator = _make_accelerator(cfg)
@@ -444,8 +235,8 @@ def run_training(cfg: TrainConfig, progress: Callable[[Progress], None] | None =
             ckpt.restore_python_rng(resume_state["rng"])
             sampler.load_state_dict(resume_state["data_order"])
         except (ValueError, KeyError, OSError) as exc:
-            raise TrainingError(f"{resume_from}: cannot resume from this checkpoint ({_first_line(exc)}); "
-                                "resume from another one or start a new --output") from None
+            raise TrainingError("{path}: cannot resume from this checkpoint ({cause}); resume from another "
+                                "one or start a new {output_dir}", path=resume_from, cause=_first_line(exc)) from None
         step = int(resume_state["step"])
         logger.info("resumed from %s at step %d", resume_from, step)
 
@@ -475,8 +266,8 @@ def run_training(cfg: TrainConfig, progress: Callable[[Progress], None] | None =
                 with accelerator.autocast():
                     loss, _logs = task.loss(batch)
                 if not torch.isfinite(loss):
-                    raise TrainingError(f"loss became {loss.item()} at step {step + 1}; lower --lr or use "
-                                        "--mixed-precision bf16/no")
+                    raise TrainingError("loss became {value} at step {at}; lower {learning_rate} or use "
+                                        "{mixed_precision} bf16/no", value=loss.item(), at=step + 1)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -516,8 +307,8 @@ def _resume_target(cfg: TrainConfig, out: Path) -> Path | None:
     existing = ckpt.latest_checkpoint(out)
     if cfg.resume is None:
         if existing is not None:
-            raise TrainingError(f"{out} already holds checkpoints (newest {existing.name}); pass "
-                                "--resume latest to continue that run or choose an empty --output")
+            raise TrainingError("{path} already holds checkpoints (newest {newest}); pass {resume} latest to "
+                                "continue that run or choose an empty {output_dir}", path=out, newest=existing.name)
         return None
     if cfg.resume == "latest":
         if existing is None:
@@ -525,8 +316,8 @@ def _resume_target(cfg: TrainConfig, out: Path) -> Path | None:
         return existing
     path = Path(cfg.resume)
     if not (path / ckpt.STATE_NAME).is_file():
-        raise TrainingError(f"--resume {cfg.resume}: not a checkpoint folder (no {ckpt.STATE_NAME}); pass "
-                            "'latest' or a checkpoints/step-NNNNNN folder")
+        raise TrainingError("{resume} {path}: not a checkpoint folder (no {state}); pass 'latest' or a "
+                            "checkpoints/step-NNNNNN folder", path=cfg.resume, state=ckpt.STATE_NAME)
     return path
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from styleinject.eval.imagereward import ImageRewardScorer, preprocess, split_checkpoint
 from styleinject.eval.scorers import ScorerLoadError, get_scorer
+from styleinject.eval.scorers.imagereward import ImageRewardScorer, preprocess, split_checkpoint
 from tests.eval.tiny_imagereward import REFERENCE_SCORES, save_tiny_imagereward, tiny_inputs, tiny_state_dict
 
 
@@ -55,5 +55,5 @@ def test_preprocess_resizes_short_side_then_center_crops():
 
 def test_missing_weights_explain_what_to_pass(tmp_path):
     scorer = ImageRewardScorer(tmp_path, device="cpu")  # an empty folder
-    with pytest.raises(ScorerLoadError, match="--imagereward-model .*ImageReward.pt and med_config.json"):
+    with pytest.raises(ScorerLoadError, match="imagereward_model .*ImageReward.pt and med_config.json"):
         scorer.load()

@@ -84,7 +84,7 @@ def test_evaluate_adapter_writes_report(tiny_pipeline_path, tiny_adapter, tiny_c
 def test_scorer_weights_fail_before_generation(tiny_pipeline_path, tmp_path):
     from styleinject.eval.scorers import ScorerLoadError
 
-    with pytest.raises(ScorerLoadError, match="--clip-model"):
+    with pytest.raises(ScorerLoadError, match="clip_model"):
         evaluate_adapter(tiny_pipeline_path, prompts=["a cat"], seeds=(0,), steps=1, width=64, height=64,
                          scorer_paths={"clipscore": tmp_path / "nope"}, device="cpu")
     with pytest.raises(ValueError, match="unknown scorer_paths keys"):

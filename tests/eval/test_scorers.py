@@ -36,7 +36,7 @@ def reference_cosines(model_dir, processor_dir, images, texts) -> torch.Tensor:
 def test_nothing_is_loaded_before_first_use(tmp_path):
     scorer = CLIPScorer(str(tmp_path / "does-not-exist"), device="cpu")
     assert not scorer.loaded  # building a scorer touches no file
-    with pytest.raises(ScorerLoadError, match="--clip-model"):
+    with pytest.raises(ScorerLoadError, match="clip_model"):
         scorer.score(random_images(1), ["x"])
 
 
@@ -91,7 +91,7 @@ def test_pickscore_is_logit_minus_21(tiny_pickscore_dirs):
 def test_pickscore_names_the_processor_flag(tiny_pickscore_dirs, tmp_path):
     model_dir, _ = tiny_pickscore_dirs
     scorer = PickScorer(str(model_dir), str(tmp_path / "missing"), device="cpu")
-    with pytest.raises(ScorerLoadError, match="--pickscore-processor"):
+    with pytest.raises(ScorerLoadError, match="pickscore_processor"):
         scorer.load()
 
 

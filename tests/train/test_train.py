@@ -150,7 +150,7 @@ def test_resume_latest_is_exact(tmp_path, make_cfg):
 def test_resume_guards(tmp_path, make_cfg):
     data = image_folder(tmp_path / "data", n=1)
     run_training(make_cfg(data=data, steps=2))
-    with pytest.raises(TrainingError, match="already holds checkpoints .* --resume latest"):
+    with pytest.raises(TrainingError, match="already holds checkpoints .* resume latest"):
         run_training(make_cfg(data=data, steps=4))
     with pytest.raises(TrainingError, match="cannot resume.*seed"):
         run_training(make_cfg(data=data, steps=4, seed=1, resume="latest"))

@@ -1,13 +1,4 @@
-"""Image-text scorers: CLIPScore, PickScore (this file) and ImageReward (imagereward.py).
-
-Every scorer loads its weights lazily, on the first `score()` call (or an explicit `load()`),
-from a hub id or a local folder: importing this module never touches the disk or the network.
-Scores are computed under `torch.no_grad()` in eval mode, in batches, on the chosen device, and
-are deterministic for fixed inputs. Conventions (docs/evaluation.md has the full derivation):
-
-    CLIPScore  = 100 * w * max(cos(E_I(image), E_T("A photo depicts " + prompt)), 0),  w = 2.5
-    PickScore  = exp(logit_scale) * cos(E_I(image), E_T(prompt)) - 21.0
-"""
+"""Scorer base class and the helpers every scorer shares (device, images, CLIP loading, errors)."""
 
 from __future__ import annotations
 
@@ -18,15 +9,14 @@ from typing import Any
 
 import torch
 
-DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
-DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
-DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+from styleinject.errors import FieldError
 
 ImageLike = Any  # PIL.Image.Image, a path to an image file, or an HxWx3 uint8 numpy array
 
 
-class ScorerLoadError(RuntimeError):
-    """The weights of a scorer could not be loaded; the message says what to pass instead."""
+class ScorerLoadError(FieldError, RuntimeError):
+    """The weights of a scorer could not be loaded; the message names the option to set by field
+    (``{clip_model}``, ``{pickscore_processor}``...: the CLI writes them as flags)."""
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -77,13 +67,15 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _describe_missing(what: str, path: str, flag: str, error: Exception) -> ScorerLoadError:
+def describe_missing(what: str, path: str, field: str, error: Exception) -> ScorerLoadError:
+    """ScorerLoadError for weights that did not load; ``field`` names the option that sets them."""
     where = "local folder" if Path(path).exists() else "hub id or local folder"
     return ScorerLoadError(
-        f"could not load the {what} from {path!r} ({where}): {type(error).__name__}: {one_line(error)}. "
-        f"Pass {flag} with a local folder holding config.json, the weights, the tokenizer files and "
-        f"preprocessor_config.json (on a machine with network: `hf download <hub id> --local-dir DIR`)."
-    )
+        "could not load the {what} from {path!r} ({where}): {error_type}: {cause}. Pass {" + field + "} with a "
+        "local folder holding config.json, the weights, the tokenizer files and preprocessor_config.json "
+        "(on a machine with network: {hint})",
+        what=what, path=path, where=where, error_type=type(error).__name__, cause=one_line(error),
+        hint="`hf download <hub id> --local-dir DIR`.")
 
 
 class Scorer:
@@ -150,7 +142,9 @@ class Scorer:
 class _CLIPScorerBase(Scorer):
     """Shared loading and embedding code for CLIP-architecture scorers."""
 
-    _flag = "--clip-model"
+    # option fields that set the weights (CLI: --clip-model...; API: STYLEINJECT_SCORER_PATHS keys)
+    _model_field = "clip_model"
+    _processor_field = "clip_model"
     _what = "CLIP model"
 
     def __init__(self, model: str, processor: str | None = None, **kwargs: Any) -> None:
@@ -167,13 +161,13 @@ class _CLIPScorerBase(Scorer):
         try:
             model = CLIPModel.from_pretrained(self.model_path)
         except (OSError, ValueError) as error:
-            raise _describe_missing(self._what, self.model_path, self._flag, error) from error
+            raise describe_missing(self._what, self.model_path, self._model_field, error) from error
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.processor_path)
             self.image_processor = load_image_processor(self.processor_path)
         except (OSError, ValueError) as error:
-            flag = "--pickscore-processor" if self.processor_path != self.model_path else self._flag
-            raise _describe_missing(f"{self._what} processor", self.processor_path, flag, error) from error
+            field = self._processor_field if self.processor_path != self.model_path else self._model_field
+            raise describe_missing(f"{self._what} processor", self.processor_path, field, error) from error
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
 
     def _max_length(self) -> int:
@@ -195,100 +189,3 @@ class _CLIPScorerBase(Scorer):
         image_embeds = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
         text_embeds = torch.nn.functional.normalize(text_embeds.float(), dim=-1)
         return (image_embeds * text_embeds).sum(dim=-1)
-
-
-class CLIPScorer(_CLIPScorerBase):
-    """CLIPScore (Hessel et al., 2021, "CLIPScore: A Reference-free Evaluation Metric for Image
-    Captioning"), reported x100:
-
-        CLIP-S(c, v) = w * max(cos(c, v), 0),  w = 2.5,  c = E_T("A photo depicts " + caption)
-        reported     = 100 * CLIP-S  (range [0, 250]; divide by 100 for the paper's CLIP-S)
-
-    with the paper's ViT-B/32 CLIP by default. The clamp is per sample, before any averaging.
-    """
-
-    name = "clipscore"
-
-    def __init__(
-        self,
-        model: str = DEFAULT_CLIP_MODEL,
-        *,
-        w: float = 2.5,
-        prefix: str = "A photo depicts ",
-        scale: float = 100.0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(model, **kwargs)
-        self.w = float(w)
-        self.prefix = prefix
-        self.scale = float(scale)
-
-    def _score_batch(self, images: list, prompts: list[str]) -> torch.Tensor:
-        cos = self.cosine(images, [self.prefix + p for p in prompts])
-        return self.scale * self.w * cos.clamp(min=0.0)  # Hessel et al. 2021, eq. 1
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "model": self.model_path,
-            "formula": f"{self.scale:g} * {self.w:g} * max(cos(image, '{self.prefix}' + prompt), 0)",
-            "w": self.w,
-            "prefix": self.prefix,
-            "scale": self.scale,
-        }
-
-
-class PickScorer(_CLIPScorerBase):
-    """PickScore (Kirstain et al., 2023, "Pick-a-Pic"): the CLIP-H model fine-tuned on human
-    preferences, scored as its own logit, exp(logit_scale) * cos(image, prompt), then offset by
-    -21.0 as the StyleInject paper reports it (so typical SD 1.5 samples land around 0..1.5).
-    No prompt prefix, no clamp. The processor is LAION's CLIP-ViT-H-14, as in the official code.
-    """
-
-    name = "pickscore"
-    _flag = "--pickscore-model"
-    _what = "PickScore model"
-
-    def __init__(
-        self,
-        model: str = DEFAULT_PICKSCORE_MODEL,
-        processor: str | None = DEFAULT_PICKSCORE_PROCESSOR,
-        *,
-        offset: float = 21.0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(model, processor if processor is not None else DEFAULT_PICKSCORE_PROCESSOR, **kwargs)
-        self.offset = float(offset)
-
-    def _score_batch(self, images: list, prompts: list[str]) -> torch.Tensor:
-        logit_scale = self.model.logit_scale.exp().float()
-        return logit_scale * self.cosine(images, prompts) - self.offset
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "model": self.model_path,
-            "processor": self.processor_path,
-            "formula": f"exp(logit_scale) * cos(image, prompt) - {self.offset:g}",
-            "offset": self.offset,
-        }
-
-
-SCORER_NAMES = ("clipscore", "pickscore", "imagereward")
-
-
-def get_scorer(name: str, model: str | None = None, processor: str | None = None, **kwargs: Any) -> Scorer:
-    """Build a scorer by name. `model`/`processor` are hub ids or local folders (None: defaults);
-    for ImageReward `processor` is the BERT tokenizer folder. Nothing is loaded yet."""
-    key = name.lower().replace("-", "").replace("_", "")
-    if key == "clipscore":
-        if processor is not None:
-            kwargs["processor"] = processor
-        return CLIPScorer(model or DEFAULT_CLIP_MODEL, **kwargs)
-    if key == "pickscore":
-        return PickScorer(model or DEFAULT_PICKSCORE_MODEL, processor or DEFAULT_PICKSCORE_PROCESSOR, **kwargs)
-    if key == "imagereward":
-        from styleinject.eval.imagereward import DEFAULT_IMAGEREWARD_TOKENIZER, ImageRewardScorer
-
-        return ImageRewardScorer(model, tokenizer=processor or DEFAULT_IMAGEREWARD_TOKENIZER, **kwargs)
-    raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(SCORER_NAMES)}")

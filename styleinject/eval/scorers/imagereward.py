@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from styleinject.eval.scorers import Scorer, ScorerLoadError, one_line
+from styleinject.eval.scorers.base import Scorer, ScorerLoadError, one_line
 
 DEFAULT_IMAGEREWARD_MODEL = "THUDM/ImageReward"
 DEFAULT_IMAGEREWARD_TOKENIZER = "bert-base-uncased"
@@ -188,18 +188,19 @@ class ImageRewardScorer(Scorer):
             vision, text, head = build_models(state_dict, med_config)
         except Exception as error:  # noqa: BLE001 - every failure gets the same actionable message
             raise ScorerLoadError(
-                f"could not load ImageReward from {self.model_path!r}: {type(error).__name__}: {one_line(error)}. "
-                f"Pass --imagereward-model with a folder holding {CHECKPOINT_NAME} and {MED_CONFIG_NAME} "
-                "(on a machine with network: `hf download THUDM/ImageReward ImageReward.pt med_config.json "
-                "--local-dir DIR`)."
+                "could not load ImageReward from {path!r}: {error_type}: {cause}. Pass {imagereward_model} with a "
+                "folder holding {checkpoint} and {med_config} (on a machine with network: {hint})",
+                path=self.model_path, error_type=type(error).__name__, cause=one_line(error),
+                checkpoint=CHECKPOINT_NAME, med_config=MED_CONFIG_NAME,
+                hint="`hf download THUDM/ImageReward ImageReward.pt med_config.json --local-dir DIR`.",
             ) from error
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         except (OSError, ValueError) as error:
             raise ScorerLoadError(
-                f"could not load the ImageReward tokenizer from {self.tokenizer_path!r}: {one_line(error)}. Pass "
-                "--imagereward-tokenizer with a local copy of bert-base-uncased (`hf download bert-base-uncased "
-                "--local-dir DIR`)."
+                "could not load the ImageReward tokenizer from {path!r}: {cause}. Pass {imagereward_tokenizer} with "
+                "a local copy of bert-base-uncased ({hint})", path=self.tokenizer_path, cause=one_line(error),
+                hint="`hf download bert-base-uncased --local-dir DIR`.",
             ) from error
         # BLIP's init_tokenizer: [DEC] as bos and [ENC] as an extra special token (ids 30522, 30523);
         # prompts never produce them, but the vocabulary size must match the embedding.
@@ -230,3 +231,8 @@ class ImageRewardScorer(Scorer):
             "tokenizer": self.tokenizer_path,
             "formula": f"(MLP(BLIP(image, prompt)[CLS]) - {REWARD_MEAN}) / {REWARD_STD}",
         }
+
+    @classmethod
+    def build(cls, model: str | None = None, processor: str | None = None, **kwargs: Any) -> ImageRewardScorer:
+        """``processor``: the BERT tokenizer folder."""
+        return cls(model, tokenizer=processor or DEFAULT_IMAGEREWARD_TOKENIZER, **kwargs)
