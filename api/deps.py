@@ -1,4 +1,4 @@
-"""FastAPI dependencies: settings, DB session, Celery client, the calling tenant, owned rows."""
+"""FastAPI dependencies: settings, DB session, Celery client, artifact store, the calling tenant, owned rows."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from api.auth import authenticate
 from api.core.db.models import Tenant
 from api.core.db.session import session_factory
 from api.core.settings import Settings
+from api.core.storage import ArtifactStore
 
 KEY_COOKIE = "styleinject_key"
 
@@ -46,6 +47,12 @@ def get_celery(request: Request) -> Celery:
 
 
 CeleryDep = Annotated[Celery, Depends(get_celery)]
+
+def get_store(request: Request) -> ArtifactStore:
+    return request.app.state.store
+
+
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer si_...`")
 

@@ -19,6 +19,7 @@ from api import __version__
 from api.routes import adapters, dashboard, datasets, evaluate, generate, health, jobs, train
 from api.core.celery import make_celery
 from api.core.settings import Settings, get_settings
+from api.core.storage import make_store
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.celery = make_celery(settings)
+    app.state.store = make_store(settings)
     for module in (datasets, train, jobs, adapters, generate, evaluate, dashboard, health):
         app.include_router(module.router)
 

@@ -30,6 +30,7 @@ class DatasetOut(_Out):
     num_items: int | None = None
     has_teacher_text: bool | None = None
     sha256: str | None = None
+    skip_bad: bool = False
     size_bytes: int
     error: str | None = None
     created_at: datetime
@@ -119,6 +120,22 @@ class JobOut(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     updated_at: datetime
+
+
+class JobEventOut(_Out):
+    id: int
+    at: datetime
+    kind: Literal["status", "progress", "checkpoint", "score"]
+    status: str | None = Field(None, description="status events: the new status; progress: running")
+    data: dict[str, Any] | None = Field(
+        None, description="status: {from (null when created), error?, worker_id?, attempt?}; progress: {step, total, loss, lr, "
+        "samples_per_s, eta_s, ...}; checkpoint: {step, name}; score: {metric, value}")
+
+
+class JobHistoryOut(BaseModel):
+    job_id: str
+    status: JobStatus
+    events: list[JobEventOut]
 
 
 # -- adapters -------------------------------------------------------------------------------------

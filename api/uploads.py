@@ -13,7 +13,21 @@ import python_multipart as multipart
 from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-ACCEPTED_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".jsonl", ".txt")
+from styleinject.names import DATASET_FILE_SUFFIXES
+
+ACCEPTED_SUFFIXES = DATASET_FILE_SUFFIXES
+
+
+# How the library's option fields read in an upload's error message (POST /datasets).
+UPLOAD_FIELD_NAMES = {"skip_bad": "skip_bad=true (POST /datasets?skip_bad=true)", "data": "the uploaded file"}
+
+
+def library_error_message(exc: BaseException, renames: dict[str, str] | None = None) -> str:
+    """A library error for an HTTP client: options named as the API names them, never a CLI flag
+    (``styleinject.errors.api_message``; plain ``str(exc)`` for other errors)."""
+    from styleinject.errors import api_message
+
+    return api_message(exc, {**UPLOAD_FIELD_NAMES, **(renames or {})})
 
 
 class UploadError(Exception):

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, or_, select, update
 
 from api.core.db.models import FINISHED, Job, utcnow
 from api.core.db.session import session_scope
+from api.core.jobs import record_progress, transition
 from api.core.settings import Settings
 
 log = logging.getLogger("worker.lease")
@@ -78,12 +79,14 @@ class JobLease:
             if job.status == "running" and not expired and job.worker_id != self.worker_id:
                 return Claim("busy", retry_in_s=(job.lease_expires_at - now).total_seconds() + 1)
             if job.cancel_requested:
-                job.status, job.finished_at = "cancelled", now
+                transition(session, self.job_id, "cancelled", expect=(job.status,),
+                           data={"reason": "cancel requested before the worker started it"})
                 return Claim("done")
             if job.status == "running" and job.attempts >= self.settings.max_attempts:
-                job.status, job.finished_at = "failed", now
-                job.error = (f"the worker running this job was lost {job.attempts} times "
-                             "(STYLEINJECT_MAX_ATTEMPTS); see the worker logs")
+                error = (f"the worker running this job was lost {job.attempts} times "
+                         "(STYLEINJECT_MAX_ATTEMPTS); see the worker logs")
+                transition(session, self.job_id, "failed", expect=("running",), values={"error": error},
+                           data={"error": error})
                 return Claim("done")
             claimable = or_(
                 Job.status == "queued",
@@ -91,15 +94,14 @@ class JobLease:
                      or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now,
                          Job.worker_id == self.worker_id)),
             )
-            result = session.execute(
-                update(Job)
-                .where(Job.id == self.job_id, Job.cancel_requested.is_(False), claimable)
-                .values(status="running", worker_id=self.worker_id, lease_expires_at=self._expiry(now),
-                        attempts=Job.attempts + 1, started_at=func.coalesce(Job.started_at, now),
-                        updated_at=now, error=None)
-                .execution_options(synchronize_session=False)
+            claimed = transition(
+                session, self.job_id, "running", expect=("queued", "running"),
+                where=and_(Job.cancel_requested.is_(False), claimable),
+                values={"worker_id": self.worker_id, "lease_expires_at": self._expiry(now),
+                        "attempts": Job.attempts + 1, "error": None},
+                data={"worker_id": self.worker_id, "attempt": job.attempts + 1},
             )
-            if result.rowcount != 1:  # lost a race with another worker or a cancel
+            if claimed is None:  # lost a race with another worker or a cancel
                 return Claim("busy", retry_in_s=self.settings.lease_ttl_s)
             attempts = session.scalar(select(Job.attempts).where(Job.id == self.job_id))
         log.info("job %s claimed by %s (attempt %d)", self.job_id, self.worker_id, attempts)
@@ -107,13 +109,14 @@ class JobLease:
 
     # -- while running ---------------------------------------------------------------------------
 
-    def renew(self, **values: Any) -> bool:
-        """Extend the lease (and write ``values``); False if the lease is no longer ours."""
+    def renew(self) -> bool:
+        """Extend the lease; False if it is no longer ours. (Status changes go through
+        ``api.core.jobs.transition``, progress through ``report``.)"""
         now = utcnow()
         with self._lock, self._session() as session:
             result = session.execute(
                 update(Job).where(self._mine())
-                .values(lease_expires_at=self._expiry(now), updated_at=now, **values)
+                .values(lease_expires_at=self._expiry(now), updated_at=now)
                 .execution_options(synchronize_session=False)
             )
             if result.rowcount != 1:
@@ -152,7 +155,13 @@ class JobLease:
         if not (force or last or now - self._last_progress >= self.settings.progress_interval_s):
             return
         self._last_progress = now
-        self.renew(progress=progress)
+        with self._lock, self._session() as session:
+            mine = record_progress(session, self.job_id, progress, where=self._mine(),
+                                   values={"lease_expires_at": self._expiry(utcnow())})
+        if not mine:
+            if not self.lost:
+                log.warning("job %s: lease lost by %s; stopping", self.job_id, self.worker_id)
+            self.lost = True
 
     def should_cancel(self) -> bool:
         """The cancel flag (polled at most every 0.25 s); also True once the lease is lost."""
@@ -174,12 +183,9 @@ class JobLease:
 
     def finish(self, status: str, error: str | None = None, result: dict[str, Any] | None = None) -> bool:
         """Set the final status (only while the lease is ours)."""
-        now = utcnow()
         with self._lock, self._session() as session:
-            done = session.execute(
-                update(Job).where(self._mine())
-                .values(status=status, error=error, result=result, finished_at=now, updated_at=now,
-                        lease_expires_at=None)
-                .execution_options(synchronize_session=False)
-            )
-            return done.rowcount == 1
+            done = transition(session, self.job_id, status, expect=("running",),
+                              where=Job.worker_id == self.worker_id,
+                              values={"error": error, "result": result},
+                              data={"error": error} if error else None)
+            return done is not None

@@ -8,6 +8,7 @@ torch, diffusers and the library are imported inside the tasks, so importing thi
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import logging
@@ -25,7 +26,9 @@ from sqlalchemy import select, update
 from api.core.celery import TASK_EVALUATE, TASK_GENERATE, TASK_TRAIN
 from api.core.db.models import Adapter, Checkpoint, Dataset, EvalScore, GenerationRequest, Job, utcnow
 from api.core.db.session import session_scope
+from api.core.jobs import record_event
 from api.core.settings import get_settings
+from api.core.storage import GENERATIONS, JOBS, ArtifactStore, make_store
 from worker.celery_app import celery_app
 from worker.lease import JobLease
 
@@ -38,18 +41,25 @@ def _worker_id(task) -> str:
 
 
 def _message(exc: BaseException) -> str:
-    """Our libraries' errors already say what to do; anything else gets its type name."""
-    from styleinject.train.data import DatasetError
+    """A job's error for its owner (read over HTTP): the library's errors already say what to do
+    and name options as the API does (``api_message``: JSON field names, never a CLI flag);
+    anything else gets its type name."""
+    from styleinject.errors import FieldError, api_message
 
-    known: tuple[type[BaseException], ...] = (DatasetError, ValueError, FileNotFoundError)
-    try:
-        from styleinject.train.loop import TrainingError
-
-        known += (TrainingError,)
-    except ImportError:
-        pass
-    text = str(exc).strip() or type(exc).__name__
+    text = api_message(exc).strip() or type(exc).__name__
+    known = (FieldError, ValueError, FileNotFoundError)  # the library's errors are FieldErrors
     return text if isinstance(exc, known) else f"{type(exc).__name__}: {text}"
+
+
+def _local(store: ArtifactStore, path: str | None) -> str | None:
+    """A stored artifact path as a local folder or file (fetched into the cache if the store is
+    remote); paths outside the store (a hub id, a mounted model folder) are returned unchanged."""
+    if not path:
+        return path
+    ref = store.locate(path)
+    if ref is not None:
+        store.get_dir(*ref)
+    return path
 
 
 # -- training ---------------------------------------------------------------------------------------
@@ -61,6 +71,8 @@ def _train_config(job: dict[str, Any], data_path: str, output_dir: Path):
     params = dict(job["params"])
     known = {f.name for f in fields(TrainConfig)} - {"kind", "data", "output_dir", "resume", "adapter"}
     values = {k: v for k, v in params.items() if k in known}
+    if job.get("skip_bad"):  # the dataset was uploaded with skip_bad: leave the same items out
+        values["skip_bad"] = True
     adapter = StyleInjectConfig(**(params.get("adapter") or {}))
     # resume="latest" always: a fresh job has no checkpoint and starts at step 0; a redelivered
     # one continues from its newest checkpoint instead of training twice.
@@ -85,7 +97,9 @@ def _sync_checkpoints(session, job_id: str, output_dir: Path, adapter_id: str | 
             row.adapter_id = adapter_id
     for path, p in on_disk.items():
         if path not in rows:
-            session.add(Checkpoint(job_id=job_id, adapter_id=adapter_id, step=_checkpoint_step(p), path=path))
+            step = _checkpoint_step(p)
+            session.add(Checkpoint(job_id=job_id, adapter_id=adapter_id, step=step, path=path))
+            record_event(session, job_id, "checkpoint", {"step": step, "name": p.name})
 
 
 def _claim(task, settings, job_id: str) -> JobLease | None:
@@ -98,8 +112,10 @@ def _claim(task, settings, job_id: str) -> JobLease | None:
     return None if claim.status == "done" else lease
 
 
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+def _progress_dict(p) -> dict[str, Any]:
+    if dataclasses.is_dataclass(p):
+        return dataclasses.asdict(p)
+    return {k: getattr(p, k) for k in ("step", "total", "loss", "lr", "samples_per_s", "eta_s") if hasattr(p, k)}
 
 
 @celery_app.task(name=TASK_TRAIN, bind=True, soft_time_limit=_limits.job_soft_time_limit_s,
@@ -110,12 +126,14 @@ def train(self, job_id: str) -> dict[str, Any]:
     if lease is None:
         return {"job_id": job_id, "skipped": True}
 
+    store = make_store(settings)
     with session_scope(settings.database_url) as session:
         job_row = session.get(Job, job_id)
         dataset = session.get(Dataset, job_row.dataset_id) if job_row.dataset_id else None
-        job = {"kind": job_row.kind, "params": job_row.params, "tenant_id": job_row.tenant_id}
+        job = {"kind": job_row.kind, "params": job_row.params, "tenant_id": job_row.tenant_id,
+               "skip_bad": bool(dataset is not None and dataset.skip_bad)}
         data_path = dataset.path if dataset is not None and dataset.status == "ready" else None
-    output_dir = settings.jobs_dir / job_id
+    output_dir = store.path_for(JOBS, job_id)
 
     def record_checkpoints() -> None:
         with session_scope(settings.database_url) as session:
@@ -126,9 +144,9 @@ def train(self, job_id: str) -> dict[str, Any]:
     def on_progress(p) -> None:
         from styleinject.train.checkpoint import list_checkpoints
 
-        lease.report({"step": p.step, "total": p.total, "loss": p.loss, "lr": p.lr,
-                      "samples_per_s": p.samples_per_s,
-                      "eta_s": p.eta_s if p.eta_s != float("inf") else None})
+        # every field of the loop's Progress (step, total, loss, lr, samples_per_s, eta_s, and the
+        # per-term losses when the loop reports them); non-finite numbers are stored as null
+        lease.report(_progress_dict(p))
         current = set(list_checkpoints(output_dir))  # rows follow the folders while training
         if current != seen:
             seen.clear()
@@ -139,6 +157,7 @@ def train(self, job_id: str) -> dict[str, Any]:
         try:
             if data_path is None:
                 raise FileNotFoundError("the job's dataset was deleted or is not ready")
+            data_path = _local(store, data_path)
             from styleinject.train import run_training
 
             cfg = _train_config(job, data_path, output_dir)
@@ -165,6 +184,7 @@ def train(self, job_id: str) -> dict[str, Any]:
 
     from styleinject.adapters.io import read_adapter_metadata
 
+    store.put_dir(JOBS, job_id, output_dir)  # publish the adapter and its checkpoints
     with session_scope(settings.database_url) as session:
         adapter = session.scalar(select(Adapter).where(Adapter.job_id == job_id))
         if adapter is None:
@@ -176,7 +196,7 @@ def train(self, job_id: str) -> dict[str, Any]:
         adapter.path = str(output_dir)
         adapter.config = json.loads((output_dir / "adapter_config.json").read_text())
         adapter.meta = read_adapter_metadata(output_dir)
-        adapter.size_bytes = _folder_bytes(output_dir)
+        adapter.size_bytes = store.size(JOBS, job_id)
         session.flush()
         _sync_checkpoints(session, job_id, output_dir, adapter.id)
         adapter_id = adapter.id
@@ -208,10 +228,10 @@ def get_pipeline(base_model: str):
         return pipe
 
 
-def _png_base64(image) -> str:
+def _png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
 
 
 def _fail_generation(request_id: str, message: str, status_code: int) -> dict[str, Any]:
@@ -243,7 +263,14 @@ def generate(self, request_id: str) -> dict[str, Any]:
                 adapter_path = ""
             else:
                 adapter_path, base_model = adapter.path, adapter.base_model
-    if adapter_path == "" or (adapter_path and not Path(adapter_path).is_dir()):
+    store = make_store(settings)
+    try:
+        if adapter_path == "":  # the row is gone
+            raise FileNotFoundError
+        adapter_path = _local(store, adapter_path)  # None: no adapter
+        if adapter_path and not Path(adapter_path).is_dir():
+            raise FileNotFoundError
+    except FileNotFoundError:
         return _fail_generation(request_id, "the adapter was deleted", 404)
 
     started = time.perf_counter()
@@ -274,15 +301,14 @@ def generate(self, request_id: str) -> dict[str, Any]:
         log.exception("generation %s failed", request_id)
         return _fail_generation(request_id, _message(exc), 500)
 
-    out = settings.generations_dir / request_id
-    out.mkdir(parents=True, exist_ok=True)
     encoded = []
     for index, image in enumerate(images):
-        image.save(out / f"{index}.png")
-        encoded.append(_png_base64(image))
+        png = _png_bytes(image)
+        store.write_bytes(GENERATIONS, request_id, f"{index}.png", png)
+        encoded.append(base64.b64encode(png).decode("ascii"))
     with session_scope(settings.database_url) as session:
         session.execute(update(GenerationRequest).where(GenerationRequest.id == request_id).values(
-            status="succeeded", output_dir=str(out), finished_at=utcnow(),
+            status="succeeded", output_dir=str(store.path_for(GENERATIONS, request_id)), finished_at=utcnow(),
             duration_s=round(time.perf_counter() - started, 3)))
     return {"ok": True, "images": encoded, **resolved}
 
@@ -299,6 +325,7 @@ def evaluate(self, job_id: str) -> dict[str, Any]:
     lease = _claim(self, settings, job_id)
     if lease is None:
         return {"job_id": job_id, "skipped": True}
+    store = make_store(settings)
     with session_scope(settings.database_url) as session:
         params = dict(session.get(Job, job_id).params)
         adapter = session.get(Adapter, params["adapter_id"])
@@ -311,12 +338,13 @@ def evaluate(self, job_id: str) -> dict[str, Any]:
         try:
             if target is None:
                 raise FileNotFoundError("the adapter was deleted")
+            target = (_local(store, target[0]), target[1])
             from styleinject.eval import evaluate_adapter
 
             report = evaluate_adapter(
                 target[1], target[0], prompts=params.get("prompts"),
                 scorers=params.get("scorers") or ("clipscore",), scorer_paths=settings.scorer_paths,
-                output_dir=settings.jobs_dir / job_id, pipeline=get_pipeline(target[1]),
+                output_dir=store.path_for(JOBS, job_id), pipeline=get_pipeline(target[1]),
                 progress=on_progress, **{k: params[k] for k in _EVAL_OPTIONS if k in params})
         except SoftTimeLimitExceeded:
             lease.finish("failed", "time limit reached (STYLEINJECT_JOB_SOFT_TIME_LIMIT_S)")
@@ -333,5 +361,6 @@ def evaluate(self, job_id: str) -> dict[str, Any]:
             for metric, stats in overall.items():
                 session.add(EvalScore(adapter_id=params["adapter_id"], job_id=job_id, metric=metric,
                                       value=float(stats["mean"]), details=stats))
+                record_event(session, job_id, "score", {"metric": metric, "value": float(stats["mean"])})
     lease.finish("succeeded", result={"summary": report["summary"], "settings": report["settings"]})
     return {"job_id": job_id, "status": "succeeded"}

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import zipfile
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
@@ -15,7 +13,7 @@ from sqlalchemy import select
 from starlette.background import BackgroundTask
 
 from api.core.db.models import Adapter
-from api.deps import SessionDep, SettingsDep, TenantDep, get_owned
+from api.deps import SessionDep, StoreDep, TenantDep, get_owned
 from api.routes.common import AUTH_ERRORS, adapter_out, errors
 from api.schemas import AdapterDetail, AdapterOut, CheckpointOut, EvalScoreOut
 
@@ -58,17 +56,19 @@ def read_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep) -> Ada
                **errors(404, 410)},
     summary="Download the adapter folder as a zip",
 )
-def download_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep) -> FileResponse:
+def download_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep, store: StoreDep) -> FileResponse:
     adapter = get_owned(session, Adapter, adapter_id, tenant)
-    folder = Path(adapter.path)
-    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-    if not files:
+    ref = store.locate(adapter.path)
+    names = store.files(*ref) if ref is not None else []
+    if not names:
         raise HTTPException(410, f"adapter {adapter_id}'s files are missing from the artifact store")
     fd, tmp = tempfile.mkstemp(suffix=".zip")
     os.close(fd)
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in files:
-            archive.write(path, arcname=path.name)
+        for name in names:
+            with store.open_read(*ref, name) as source, archive.open(name, "w") as target:
+                while chunk := source.read(1 << 20):
+                    target.write(chunk)
     return FileResponse(
         tmp,
         media_type="application/zip",
@@ -79,12 +79,11 @@ def download_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep) ->
 
 @router.delete("/{adapter_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(404),
                summary="Delete an adapter, its checkpoints, scores and files")
-def delete_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep,
-                   settings: SettingsDep) -> Response:
+def delete_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep, store: StoreDep) -> Response:
     adapter = get_owned(session, Adapter, adapter_id, tenant)
-    folder = Path(adapter.path).resolve()
+    ref = store.locate(adapter.path)  # None: a path outside the store is never deleted
     session.delete(adapter)
     session.commit()
-    if folder.is_relative_to(settings.artifact_root) and folder != settings.artifact_root:
-        shutil.rmtree(folder, ignore_errors=True)
+    if ref is not None:
+        store.delete(*ref)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -3,9 +3,10 @@
 ``styleinject.train.data`` (``safe_extract``, ``inspect_dataset``) is torch-free (numpy + PIL) and
 the library's top-level imports are lazy, so the API validates uploads itself, in a worker thread,
 importing the module on first use: the answer is immediate (no waiting behind a training job in
-the embedded mode's single worker) and a bad upload is a 422 with the engine's message that leaves
-nothing behind. The upload streams to ``<artifacts>/uploads/<id>/``; archives are extracted with
-``safe_extract`` into ``<artifacts>/datasets/<id>/data`` and fully inspected there.
+the embedded mode's single worker) and a bad upload is a 422 with the engine's message (in API
+words: ``styleinject.errors.api_message``) that leaves nothing behind. The upload streams to the
+artifact store's ``uploads/<id>``; archives are extracted with ``safe_extract`` into
+``datasets/<id>/data`` and fully inspected there.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from sqlalchemy import select
 
 from api.core.db.models import Dataset, new_id
 from api.core.db.session import session_scope
-from api.deps import SessionDep, SettingsDep, TenantDep, get_owned
+from api.core.storage import DATASETS, UPLOADS
+from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep, get_owned
 from api.routes.common import AUTH_ERRORS, errors
 from api.schemas import DatasetOut, TrainKind
-from api.uploads import UploadError, receive_file
-
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+from api.uploads import UploadError, library_error_message, receive_file
+from styleinject.names import ARCHIVE_SUFFIXES
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], responses=AUTH_ERRORS)
 
@@ -64,43 +65,47 @@ async def create_dataset(
     request: Request,
     tenant: TenantDep,
     settings: SettingsDep,
+    store: StoreDep,
     kind: Annotated[TrainKind, Query(description="Training kind to validate for")] = "finetune",
+    skip_bad: Annotated[bool, Query(description="Leave out unreadable or uncaptioned items instead of "
+                                    "rejecting the upload (training leaves them out too)")] = False,
 ) -> Dataset:
     dataset_id = new_id()
-    upload_dir = settings.uploads_dir / dataset_id
-    dest = settings.datasets_dir / dataset_id
+    upload_dir = store.path_for(UPLOADS, dataset_id)
+    dest = store.path_for(DATASETS, dataset_id)
     try:
         upload, original, size = await receive_file(request, "file", upload_dir, settings.max_upload_bytes)
-        data_path, info = await run_in_threadpool(validate_upload, upload, dest, kind)
+        data_path, info = await run_in_threadpool(validate_upload, upload, dest, kind, skip_bad)
+        await run_in_threadpool(store.put_dir, DATASETS, dataset_id, dest)
     except UploadError as exc:
-        shutil.rmtree(dest, ignore_errors=True)
+        store.delete(DATASETS, dataset_id)
         raise HTTPException(exc.status_code, exc.message) from None
     except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
+        store.delete(DATASETS, dataset_id)
         raise
     finally:
-        shutil.rmtree(upload_dir, ignore_errors=True)
+        store.delete(UPLOADS, dataset_id)
 
     def create_row() -> Dataset:
         with session_scope(settings.database_url) as session:
             row = Dataset(id=dataset_id, tenant_id=tenant.id, name=original[:255], kind=kind,
                           status="ready", path=str(data_path), size_bytes=size, format=info.format,
                           num_items=info.num_items, has_teacher_text=info.has_teacher_text,
-                          sha256=info.sha256)
+                          sha256=info.sha256, skip_bad=skip_bad)
             session.add(row)
             return row
 
     try:
         return await run_in_threadpool(create_row)
     except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
+        store.delete(DATASETS, dataset_id)
         raise
 
 
-def validate_upload(upload: Path, dest: Path, kind: str) -> tuple[Path, Any]:
+def validate_upload(upload: Path, dest: Path, kind: str, skip_bad: bool = False) -> tuple[Path, Any]:
     """Extract (archives) into ``dest`` and run the engine's full validation.
 
-    Raises UploadError(422) with the engine's message; ``dest`` is the caller's to remove.
+    Raises UploadError(422) with the engine's message in API words; ``dest`` is the caller's to remove.
     """
     from styleinject.train.data import DatasetError, inspect_dataset, safe_extract
 
@@ -112,9 +117,9 @@ def validate_upload(upload: Path, dest: Path, kind: str) -> tuple[Path, Any]:
         else:
             data_path = dest / upload.name
             shutil.move(upload, data_path)
-        return data_path, inspect_dataset(data_path, kind=kind)
+        return data_path, inspect_dataset(data_path, kind=kind, skip_bad=skip_bad)
     except DatasetError as exc:
-        raise UploadError(422, f"invalid dataset: {exc}") from None
+        raise UploadError(422, f"invalid dataset: {library_error_message(exc)}") from None
 
 
 @router.get("", response_model=list[DatasetOut], summary="List your datasets, newest first")

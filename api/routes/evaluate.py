@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 
 from api.core.celery import TASK_EVALUATE
-from api.core.db.models import Adapter, Job, utcnow
+from api.core.db.models import Adapter
+from api.core.jobs import create_job, transition
 from api.deps import CeleryDep, SessionDep, TenantDep, get_owned
 from api.routes.common import AUTH_ERRORS, errors, job_out
 from api.schemas import EvaluateRequest, JobOut
@@ -23,16 +24,17 @@ router = APIRouter(prefix="/evaluate", tags=["jobs"], responses=AUTH_ERRORS)
 def create_evaluation(body: EvaluateRequest, session: SessionDep, tenant: TenantDep,
                       celery: CeleryDep) -> JobOut:
     adapter = get_owned(session, Adapter, body.adapter_id, tenant)
-    job = Job(tenant_id=tenant.id, kind="evaluate", params=body.model_dump(exclude_none=True)
-              | {"adapter_id": adapter.id})
-    session.add(job)
+    job = create_job(session, tenant_id=tenant.id, kind="evaluate",
+                     params=body.model_dump(exclude_none=True) | {"adapter_id": adapter.id})
     session.commit()
     # the job as accepted: a fast worker may start it before this response is written
     accepted = job_out(job)
     try:
         celery.send_task(TASK_EVALUATE, args=[job.id])
     except Exception as exc:  # noqa: BLE001 - broker down
-        job.status, job.error, job.finished_at = "failed", f"could not queue: {exc}", utcnow()
+        error = f"could not queue: {exc}"
+        transition(session, job.id, "failed", expect=("queued",), values={"error": error},
+                   data={"error": error})
         session.commit()
         raise HTTPException(503, f"could not queue the job (is the broker up?): {exc}") from None
     return accepted

@@ -6,16 +6,17 @@ import asyncio
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select, update
 from sse_starlette import EventSourceResponse
 
-from api.core.db.models import FINISHED, Job, utcnow
+from api.core.db.models import FINISHED, JOB_EVENT_KINDS, Job
 from api.core.db.session import session_scope
+from api.core.jobs import history, transition
 from api.deps import SessionDep, SettingsDep, TenantDep, get_owned
 from api.routes.common import AUTH_ERRORS, errors, job_out
-from api.schemas import JobOut, JobStatus
+from api.schemas import JobEventOut, JobHistoryOut, JobOut, JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=AUTH_ERRORS)
 
@@ -53,14 +54,31 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
         # A running job stops at its next step (final checkpoint kept); a queued one ends now and
         # its task becomes a no-op. Conditional updates: the worker may be claiming it right now.
         session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "queued")
-            .values(status="cancelled", finished_at=utcnow(), updated_at=utcnow())
-        )
+        transition(session, job_id, "cancelled", expect=("queued",),
+                   data={"reason": "cancelled before a worker started it"})
         session.commit()
         session.refresh(job)
     return job_out(job)
+
+
+@router.get("/{job_id}/history", response_model=JobHistoryOut, responses=errors(404, 422),
+            summary="A job's history: status changes, progress points, checkpoints, scores")
+def read_job_history(
+    job_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    kind: Annotated[list[str] | None, Query(description="Only these event kinds: "
+                                            + ", ".join(JOB_EVENT_KINDS))] = None,
+) -> JobHistoryOut:
+    """Oldest first. Progress points are thinned on long jobs (at most a few hundred per job,
+    evenly spaced, the first and newest kept); status changes, checkpoints and scores are all kept."""
+    job = get_owned(session, Job, job_id, tenant)
+    unknown = sorted(set(kind or ()) - set(JOB_EVENT_KINDS))
+    if unknown:
+        raise HTTPException(422, f"unknown event kind {', '.join(unknown)}; use {', '.join(JOB_EVENT_KINDS)}")
+    events = history(session, job.id, kinds=kind)
+    return JobHistoryOut(job_id=job.id, status=job.status,
+                         events=[JobEventOut.model_validate(e) for e in events])
 
 
 @router.get(

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 
 from api.core.celery import TASK_TRAIN
-from api.core.db.models import Dataset, Job, utcnow
+from api.core.db.models import Dataset
+from api.core.jobs import create_job, transition
 from api.deps import CeleryDep, SessionDep, SettingsDep, TenantDep, get_owned
 from api.routes.common import AUTH_ERRORS, errors, job_out
 from api.schemas import JobOut, TrainRequest
@@ -39,15 +40,16 @@ def create_train_job(
                                  "(STYLEINJECT_MAX_TRAIN_STEPS)")
     params = body.model_dump(exclude_none=True)
     params["base_model"] = body.base_model or settings.resolved_base_model()
-    job = Job(tenant_id=tenant.id, kind=body.kind, dataset_id=dataset.id, params=params)
-    session.add(job)
+    job = create_job(session, tenant_id=tenant.id, kind=body.kind, dataset_id=dataset.id, params=params)
     session.commit()
     # the job as accepted: a fast worker may start it before this response is written
     accepted = job_out(job)
     try:
         celery.send_task(TASK_TRAIN, args=[job.id])
     except Exception as exc:  # noqa: BLE001 - broker down: fail the job, tell the caller
-        job.status, job.error, job.finished_at = "failed", f"could not queue: {exc}", utcnow()
+        error = f"could not queue: {exc}"
+        transition(session, job.id, "failed", expect=("queued",), values={"error": error},
+                   data={"error": error})
         session.commit()
         raise HTTPException(503, f"could not queue the job (is the broker up?): {exc}") from None
     return accepted

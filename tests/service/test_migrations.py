@@ -13,7 +13,7 @@ from api.core.db.migrate import alembic_config, downgrade, upgrade
 from api.core.db.models import Base
 from tests.service.conftest import REPO, service_env
 
-TABLES = {"tenants", "api_keys", "datasets", "jobs", "adapters", "checkpoints", "eval_scores",
+TABLES = {"tenants", "api_keys", "datasets", "jobs", "job_events", "adapters", "checkpoints", "eval_scores",
           "generation_requests"}
 
 

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -29,6 +30,8 @@ JOB_KINDS = ("finetune", "distill", "dreambooth", "evaluate")
 TRAIN_KINDS = ("finetune", "distill", "dreambooth")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
+# What a job_events row records (api/core/jobs.py writes them; GET /jobs/{id}/history reads them).
+JOB_EVENT_KINDS = ("status", "progress", "checkpoint", "score")
 DATASET_STATUSES = ("validating", "ready", "invalid")
 GENERATION_STATUSES = ("queued", "running", "succeeded", "failed", "timeout")
 
@@ -118,6 +121,8 @@ class Dataset(Base):
     num_items: Mapped[int | None] = mapped_column(Integer)
     has_teacher_text: Mapped[bool | None] = mapped_column(Boolean)
     sha256: Mapped[str | None] = mapped_column(String(64))
+    # uploaded with skip_bad: unreadable items were left out, and training leaves them out too
+    skip_bad: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -156,6 +161,26 @@ class Job(Base):
     adapter: Mapped[Adapter | None] = relationship(
         back_populates="job", foreign_keys="Adapter.job_id", uselist=False
     )
+
+
+class JobEvent(Base):
+    """One entry of a job's history: a status change, a progress point, a checkpoint or a score.
+
+    Written only by ``api.core.jobs`` (transition / record_progress / record_event). ``data`` holds
+    the details: for ``status`` {"from", ...}; for ``progress`` {"step", "total", "loss", "lr",
+    "samples_per_s", "eta_s", ...}; for ``checkpoint`` {"step", "path"}; for ``score`` {"metric",
+    "value"}. The integer id orders events of one job.
+    """
+
+    __tablename__ = "job_events"
+    __table_args__ = (CheckConstraint(_in("kind", JOB_EVENT_KINDS), name="kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str | None] = mapped_column(String(16))
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Adapter(Base):
