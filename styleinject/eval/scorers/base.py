@@ -73,9 +73,9 @@ def describe_missing(what: str, path: str, field: str, error: Exception) -> Scor
     return ScorerLoadError(
         "could not load the {what} from {path!r} ({where}): {error_type}: {cause}. Pass {" + field + "} with a "
         "local folder holding config.json, the weights, the tokenizer files and preprocessor_config.json "
-        "(on a machine with network: {hint})",
+        "(on a machine with network, {hint} prints the folder it fetched)",
         what=what, path=path, where=where, error_type=type(error).__name__, cause=one_line(error),
-        hint="`hf download <hub id> --local-dir DIR`.")
+        hint="`hf download <hub id>`")
 
 
 class Scorer:

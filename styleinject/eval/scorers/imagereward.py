@@ -189,18 +189,19 @@ class ImageRewardScorer(Scorer):
         except Exception as error:  # noqa: BLE001 - every failure gets the same actionable message
             raise ScorerLoadError(
                 "could not load ImageReward from {path!r}: {error_type}: {cause}. Pass {imagereward_model} with a "
-                "folder holding {checkpoint} and {med_config} (on a machine with network: {hint})",
+                "folder holding {checkpoint} and {med_config} (on a machine with network, {hint} prints "
+                "the folder it fetched)",
                 path=self.model_path, error_type=type(error).__name__, cause=one_line(error),
                 checkpoint=CHECKPOINT_NAME, med_config=MED_CONFIG_NAME,
-                hint="`hf download THUDM/ImageReward ImageReward.pt med_config.json --local-dir DIR`.",
+                hint="`hf download THUDM/ImageReward ImageReward.pt med_config.json`",
             ) from error
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         except (OSError, ValueError) as error:
             raise ScorerLoadError(
                 "could not load the ImageReward tokenizer from {path!r}: {cause}. Pass {imagereward_tokenizer} with "
-                "a local copy of bert-base-uncased ({hint})", path=self.tokenizer_path, cause=one_line(error),
-                hint="`hf download bert-base-uncased --local-dir DIR`.",
+                "a local copy of bert-base-uncased ({hint} prints the folder it fetched)",
+                path=self.tokenizer_path, cause=one_line(error), hint="`hf download bert-base-uncased`",
             ) from error
         # BLIP's init_tokenizer: [DEC] as bos and [ENC] as an extra special token (ids 30522, 30523);
         # prompts never produce them, but the vocabulary size must match the embedding.
