@@ -7,7 +7,7 @@
    ours = LoRA mode r=32 (same targets) and StyleInject n=16 r=32 (DMA+STA on to_q).
 2. Inference forward of the same UNet, same three variants.
 3. Adapter switch on a resident UNet: anchor = diffusers `load_lora_adapter` from disk (then
-   `delete_adapters`), ours = `load_adapter` from disk into a slot, and the bank's host-cache swap.
+   `delete_adapters`), ours = `load_adapter` from disk into a slot (serving swaps: bench/serve.py).
 Prints a markdown table for docs/benchmarks.md.
 """
 
@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from styleinject import StyleInjectConfig, adapter_parameters, inject, load_adapter, save_adapter
-from styleinject.adapters.bank import AdapterBank
 
 UNET = dict(block_out_channels=(64, 128, 256), layers_per_block=1, sample_size=32, cross_attention_dim=128,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -128,17 +127,9 @@ def bench_switch(repeats):
         def ours_disk():
             load_adapter(resident, tmp / "ours-si")  # same name, same shapes: in-place copy from disk
 
-        bank = AdapterBank(make_unet())
-        bank.activate(tmp / "ours-si")
-        bank.activate(tmp / "ours-lora")
-
-        def ours_bank():
-            bank.activate(tmp / "ours-si")
-            bank.activate(tmp / "ours-lora")
-
+        # serving swaps (device slots, host cache, disk) are measured in bench/serve.py
         return [("diffusers load_lora_adapter + delete (anchor)", anchor),
-                ("ours load_adapter from disk, in place (n=16)", timed(ours_disk, repeats)),
-                ("ours AdapterBank swap from host cache (n=16 then LoRA, per swap)", timed(ours_bank, repeats) / 2)]
+                ("ours load_adapter from disk, in place (n=16)", timed(ours_disk, repeats))]
 
 
 def main():

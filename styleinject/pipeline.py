@@ -8,20 +8,23 @@ UNet's native size (``sample_size`` x the VAE's scale factor: 512 for Stable Dif
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from styleinject.adapters import list_adapters, mixed_adapters, set_adapter, set_adapter_scale
-from styleinject.adapters.bank import AdapterBank
-
-MAX_SIDE = 2048
-DEFAULTS_FILE = "generation_defaults.json"
-_DEFAULT_KEYS = {"steps": int, "guidance_scale": float, "width": int, "height": int}
+from styleinject.adapters import list_adapters, set_adapter, set_adapter_scale
+from styleinject.serving.defaults import (  # noqa: F401 - part of this module's public API
+    DEFAULTS_FILE,
+    MAX_SIDE,
+    check_size,
+    generation_defaults,
+    read_generation_defaults,
+)
+from styleinject.serving.engine import engine_for
+from styleinject.serving.request import Request
+from styleinject.serving.tiers import AdapterRef
 
 
 def load_pipeline(base_model: str | Path, device: str | torch.device | None = None,
@@ -51,32 +54,6 @@ def load_pipeline(base_model: str | Path, device: str | torch.device | None = No
     return pipe
 
 
-def read_generation_defaults(folder: str | Path) -> dict:
-    """The sampling settings a model folder recommends (``generation_defaults.json``), checked."""
-    path = Path(folder) / DEFAULTS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); fix or delete the file") from None
-    if not isinstance(data, dict) or set(data) - set(_DEFAULT_KEYS):
-        raise ValueError(f"{path}: expected an object with keys among {sorted(_DEFAULT_KEYS)}")
-    for key, kind in _DEFAULT_KEYS.items():
-        if key in data and (isinstance(data[key], bool) or not isinstance(data[key], (int, float))
-                            or data[key] <= 0 or (kind is int and data[key] != int(data[key]))):
-            raise ValueError(f"{path}: {key} must be a positive {kind.__name__}, got {data[key]!r}")
-    return {key: _DEFAULT_KEYS[key](value) for key, value in data.items()}
-
-
-def generation_defaults(pipe) -> dict:
-    """steps, guidance_scale, width and height used when ``generate`` is given None."""
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    native = native[0] if isinstance(native, (list, tuple)) else native
-    return {"steps": 30, "guidance_scale": 7.5, "width": int(native), "height": int(native),
-            **getattr(pipe, "_styleinject_defaults", {})}
-
-
 def native_resolution(base_model: str | Path) -> int:
     """The side the model draws at by default (``generation_defaults(pipe)["width"]``), read from
     its configs without loading any weights: 512 for Stable Diffusion 1.5, 32 for the toy model."""
@@ -102,15 +79,6 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if hasattr(deprecation, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
-def adapter_bank(pipe) -> AdapterBank:
-    """The pipeline's bank of resident adapters (created on first use)."""
-    bank = getattr(pipe, "_styleinject_bank", None)
-    if bank is None:
-        bank = AdapterBank(pipe.unet)
-        pipe._styleinject_bank = bank
-    return bank
-
-
 def generate(pipe, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
              seed: int = 0, steps: int | None = None, guidance_scale: float | None = None,
              width: int | None = None, height: int | None = None, num_images: int = 1,
@@ -125,68 +93,52 @@ def generate(pipe, prompt: str | list[str], *, negative_prompt: str | list[str] 
     with its own adapter (and ``adapter_scale`` may then be a list too).
     ``progress(step, total)`` is called after every denoising step. ``steps``, ``guidance_scale``,
     ``width`` and ``height`` left None take ``generation_defaults(pipe)``.
+
+    Folders and ``None`` run on the pipeline's serving engine (``styleinject.serving``), so calls
+    from several threads share UNet forwards; a named adapter runs diffusers' pipeline directly.
     """
+    engine = engine_for(pipe)
+    request = Request(prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                      guidance_scale=guidance_scale, width=width, height=height, num_images=num_images,
+                      progress=progress)
+    if isinstance(adapter, (str, Path)) and str(adapter) in list_adapters(pipe.unet):
+        return _generate_named(pipe, engine, engine.resolve(request), str(adapter), adapter_scale)
+    if isinstance(adapter, (list, tuple)):
+        prompts = request.prompts
+        if len(adapter) != len(prompts):
+            raise ValueError(f"{len(adapter)} adapters for {len(prompts)} prompts: give one per prompt "
+                             "(None for the base model)")
+        scales = adapter_scale if isinstance(adapter_scale, (list, tuple)) else [adapter_scale] * len(prompts)
+        request.adapters = [[] if a is None else [_ref(pipe, a, s)] for a, s in zip(adapter, scales, strict=True)]
+    elif adapter is not None:
+        request.adapters = [_ref(pipe, adapter, adapter_scale)]
+    return engine.generate(request)
+
+
+def _ref(pipe, folder, scale: float) -> AdapterRef:
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"adapter {str(folder)!r} is neither a loaded adapter "
+                                f"({list_adapters(pipe.unet)}) nor an adapter folder")
+    return AdapterRef(str(folder), float(scale))
+
+
+def _generate_named(pipe, engine, request: Request, name: str, scale: float) -> list[Image.Image]:
+    """diffusers' own pipeline call with a named adapter of ``pipe.unet`` (e.g. while training)."""
     from diffusers import EulerAncestralDiscreteScheduler
 
-    defaults = generation_defaults(pipe)
-    steps = defaults["steps"] if steps is None else steps
-    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-    width = defaults["width"] if width is None else width
-    height = defaults["height"] if height is None else height
-    _check_size(width, height, pipe.vae_scale_factor)
-    if steps < 1 or num_images < 1:
-        raise ValueError(f"steps and num_images must be >= 1 (got {steps}, {num_images})")
-    if not isinstance(pipe.scheduler, EulerAncestralDiscreteScheduler):
-        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
-
     def on_step_end(_pipe, step, _timestep, kwargs):
-        if progress is not None:
-            progress(step + 1, steps)
+        if request.progress is not None:
+            request.progress(step + 1, request.steps)
         return kwargs
 
-    bank = adapter_bank(pipe)
-    with bank.lock:
-        if isinstance(adapter, (list, tuple)):
-            context = _mixed_batch(pipe, bank, prompt, adapter, adapter_scale, num_images)
-        elif adapter is not None and str(adapter) in list_adapters(pipe.unet):
-            set_adapter(pipe.unet, str(adapter))
-            set_adapter_scale(pipe.unet, str(adapter), adapter_scale)
-            context = nullcontext()
-        else:
-            _check_adapter_folder(pipe, adapter)
-            context = bank.use(adapter, adapter_scale)
-        with context:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
-                          guidance_scale=guidance_scale, width=width, height=height,
-                          num_images_per_prompt=num_images, generator=generator,
-                          callback_on_step_end=on_step_end)
+    with engine.lock:  # between two engine steps: the engine never sees this adapter state
+        if not isinstance(pipe.scheduler, EulerAncestralDiscreteScheduler):
+            pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+        set_adapter(pipe.unet, name)
+        set_adapter_scale(pipe.unet, name, scale)
+        result = pipe(request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=request.steps,
+                      guidance_scale=request.guidance_scale, width=request.width, height=request.height,
+                      num_images_per_prompt=request.num_images,
+                      generator=torch.Generator(device="cpu").manual_seed(request.seed),
+                      callback_on_step_end=on_step_end)
     return result.images
-
-
-def _check_adapter_folder(pipe, adapter) -> None:
-    if adapter is not None and not Path(adapter).is_dir():
-        raise FileNotFoundError(f"adapter {adapter!r} is neither a loaded adapter "
-                                f"({list_adapters(pipe.unet)}) nor an adapter folder")
-
-
-def _mixed_batch(pipe, bank: AdapterBank, prompt, adapters, adapter_scale, num_images):
-    """One adapter (folder or None) per prompt, all in one batch."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if len(adapters) != len(prompts):
-        raise ValueError(f"{len(adapters)} adapters for {len(prompts)} prompts: give one per prompt "
-                         "(None for the base model)")
-    scales = adapter_scale if isinstance(adapter_scale, (list, tuple)) else [adapter_scale] * len(prompts)
-    for folder in adapters:
-        _check_adapter_folder(pipe, folder)
-    slots = bank.activate_many(list(adapters), list(scales))
-    # diffusers repeats each prompt num_images times in place, then stacks [uncond, cond] for CFG
-    return mixed_adapters(pipe.unet, [slot for slot in slots for _ in range(num_images)])
-
-
-def _check_size(width: int, height: int, vae_scale_factor: int) -> None:
-    multiple = 8 if vae_scale_factor <= 8 else vae_scale_factor
-    for side, value in (("width", width), ("height", height)):
-        if value % multiple or not multiple <= value <= MAX_SIDE:
-            raise ValueError(f"{side}={value}: must be a multiple of {multiple} between {multiple} "
-                             f"and {MAX_SIDE}")

@@ -6,7 +6,9 @@ import torch
 
 from styleinject import StyleInjectConfig, adapter_parameters, disable_adapters, inject, save_adapter
 from styleinject.adapters import active_adapter
-from styleinject.pipeline import adapter_bank, generate, load_pipeline
+from styleinject.adapters import load_adapter
+from styleinject.pipeline import generate, load_pipeline
+from styleinject.serving import engine_for
 
 KW = dict(steps=2, width=64, height=64, guidance_scale=7.5)
 
@@ -56,27 +58,28 @@ def test_adapter_changes_image_and_disable_restores_it(pipe, tiny_pipeline_path,
     styled = _px(generate(pipe, "a cat", adapter=folder, **KW))
     assert np.abs(styled - base).max() > 10
     assert np.array_equal(_px(generate(pipe, "a cat", **KW)), base)
-    assert active_adapter(pipe.unet) is not None  # a base-model request leaves the adapter state alone
+    assert active_adapter(pipe.unet) is None  # folders run in serving slots: named adapters untouched
     # by name, then globally disabled
-    slot = adapter_bank(pipe).activate(folder)
-    assert np.array_equal(_px(generate(pipe, "a cat", adapter=slot, **KW)), styled)
+    load_adapter(pipe.unet, folder, "ad")  # diffusers' own pipeline call with the named adapter
+    assert np.abs(_px(generate(pipe, "a cat", adapter="ad", **KW)) - styled).max() <= 1
     disable_adapters(pipe.unet)
     assert np.array_equal(_px(generate(pipe, "a cat", **KW)), base)
     half = _px(generate(pipe, "a cat", adapter=folder, adapter_scale=0.0, **KW))
     assert np.array_equal(half, base)
 
 
-def test_bank_swaps_in_place_and_caches(pipe, tiny_pipeline_path, tmp_path):
+def test_swaps_in_place_and_caches(pipe, tiny_pipeline_path, tmp_path):
     one = _adapter(tiny_pipeline_path, tmp_path, "one", seed=1)
     two = _adapter(tiny_pipeline_path, tmp_path, "two", seed=2)
-    bank = adapter_bank(pipe)
+    engine = engine_for(pipe)
     img_one = _px(generate(pipe, "a dog", adapter=one, **KW))
-    ptrs = [p.data_ptr() for p in pipe.unet.parameters()]
+    ptrs = [t.data_ptr() for t in [*pipe.unet.parameters(), *pipe.unet.buffers()]]
     img_two = _px(generate(pipe, "a dog", adapter=two, **KW))
-    assert [p.data_ptr() for p in pipe.unet.parameters()] == ptrs  # no module rebuilt
+    assert [t.data_ptr() for t in [*pipe.unet.parameters(), *pipe.unet.buffers()]] == ptrs  # no module rebuilt
     assert not np.array_equal(img_one, img_two)
     assert np.array_equal(_px(generate(pipe, "a dog", adapter=one, **KW)), img_one)
-    assert bank.loads == 2  # the third call came from host memory
+    assert engine.host.stats.misses == 2  # the third call came from host memory
+    assert engine.table.stats.hits == 1  # ... and found its device slot still loaded
 
 
 def test_concurrent_requests_never_mix_adapters(pipe, tiny_pipeline_path, tmp_path):

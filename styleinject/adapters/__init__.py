@@ -13,7 +13,6 @@ from styleinject.adapters.inject import (
     get_adapter_config,
     inject,
     list_adapters,
-    mixed_adapters,
     set_adapter,
     set_adapter_scale,
 )
@@ -36,7 +35,6 @@ __all__ = [
     "inject",
     "list_adapters",
     "load_adapter",
-    "mixed_adapters",
     "read_adapter_metadata",
     "save_adapter",
     "set_adapter",

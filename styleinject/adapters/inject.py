@@ -87,7 +87,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     _require(model, adapter_name)
     for name, layer in list(_named_layers(model)):
         layer.remove_adapter(adapter_name)
-        if not layer.si_options:
+        if not layer.si_options and layer.si_slots is None:  # a serving slot table still uses it
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, layer.base_layer)
     del _configs(model)[adapter_name]
@@ -148,26 +148,6 @@ def set_adapter_scale(model: nn.Module, adapter_name: str, scale: float) -> None
     for _, layer in _named_layers(model):
         if adapter_name in layer.si_options:
             layer.si_options[adapter_name]["user_scale"] = float(scale)
-
-
-@contextmanager
-def mixed_adapters(model: nn.Module, names: list[str | None]):
-    """Run one batch with a different adapter per sample (``None`` = base model for that sample).
-
-    ``names`` has one entry per sample, or per sample of a block that repeats to fill the batch,
-    as classifier-free guidance does ([uncond..., cond...]).
-    """
-    for name in names:
-        if name is not None:
-            _require(model, name)
-    layers = [layer for _, layer in _named_layers(model)]
-    for layer in layers:
-        layer.batch_adapters = list(names)
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            layer.batch_adapters = None
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str = "default") -> list[nn.Parameter]:

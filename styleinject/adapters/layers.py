@@ -77,8 +77,8 @@ class StyleInjectLayer(nn.Module):
         self.si_options: dict[str, dict] = {}
         self.active_adapter: str | None = None
         self.adapters_enabled = True
-        # per-sample adapter names for a mixed batch (see inject.mixed_adapters); None = use active
-        self.batch_adapters: list[str | None] | None = None
+        # stacked adapter slots for serving (styleinject.serving.slots), attached by a SlotTable
+        self.si_slots: nn.Module | None = None
 
     # diffusers code sometimes reads these off the projection it calls
     @property
@@ -125,23 +125,11 @@ class StyleInjectLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         h = self.base_layer(x, *args, **kwargs)
-        if self.batch_adapters is not None:  # names adapters explicitly, so ignores disable_adapters
-            return self._mixed(x, h)
+        if self.si_slots is not None and self.si_slots.batch.ids is not None:
+            return h + self.si_slots(x, h)  # per-sample adapters from the slot table
         if self.active_adapter is None or not self.adapters_enabled:
             return h
         return h + self._delta(self.active_adapter, x, h)
-
-    def _mixed(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Each sample with its own adapter; the per-sample list repeats to fill the batch (CFG)."""
-        names = self.batch_adapters
-        if x.shape[0] % len(names):
-            raise ValueError(f"batch of {x.shape[0]} is not a multiple of the {len(names)} per-sample adapters")
-        names = names * (x.shape[0] // len(names))
-        out = h.clone()
-        for name in dict.fromkeys(n for n in names if n in self.si_options):
-            index = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            out[index] = h[index] + self._delta(name, x[index], h[index])
-        return out
 
     def _delta(self, name: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """What adapter ``name`` adds to the frozen output ``h``."""

@@ -1,0 +1,113 @@
+"""The model runner: prepare a request, run one denoising step for a batch of requests, decode.
+
+Euler Ancestral per request, written out so that each request keeps its own schedule, guidance
+scale and generator while sharing the UNet forward with the others. Each request's arithmetic is
+the same as diffusers' ``EulerAncestralDiscreteScheduler.step`` and ``StableDiffusionPipeline``
+(same operations, dtypes and random draws), so a request run alone equals diffusers' image and a
+batched request equals itself alone up to the float summation order of the batched matmuls.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import torch
+from PIL import Image
+
+from styleinject.serving.request import Active, Request
+from styleinject.serving.slots import SlotTable
+
+
+class Runner:
+    def __init__(self, pipe, table: SlotTable) -> None:
+        from diffusers import EulerAncestralDiscreteScheduler
+
+        self.pipe = pipe
+        self.table = table
+        self.scheduler_config = pipe.scheduler.config
+        self._scheduler_cls = EulerAncestralDiscreteScheduler
+        self.device = pipe.unet.device
+        self.dtype = pipe.unet.dtype
+
+    @torch.no_grad()
+    def prepare(self, request: Request, future: Future, slot_ids: torch.Tensor,
+                slot_weights: torch.Tensor, keys: list[str]) -> Active:
+        """Encode the prompts, draw the initial latents and the schedule (request already resolved)."""
+        pipe = self.pipe
+        rows = len(request.prompts) * request.num_images
+        cfg = request.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        cond, uncond = pipe.encode_prompt(request.prompt, self.device, request.num_images, cfg,
+                                          request.negative_prompt)
+        embeds = torch.cat([uncond, cond]) if cfg else cond
+        scheduler = self._scheduler_cls.from_config(self.scheduler_config)
+        scheduler.set_timesteps(request.steps, device=self.device)
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        shape = (rows, pipe.unet.config.in_channels, request.height // pipe.vae_scale_factor,
+                 request.width // pipe.vae_scale_factor)
+        latents = torch.randn(shape, generator=generator, dtype=embeds.dtype).to(self.device)
+        latents = latents * scheduler.init_noise_sigma
+        return Active(request=request, future=future, rows=rows, cfg=cfg, guidance_scale=request.guidance_scale,
+                      timesteps=scheduler.timesteps, sigmas=scheduler.sigmas, latents=latents, embeds=embeds,
+                      slot_ids=slot_ids, slot_weights=slot_weights, generator=generator,
+                      size=(request.height, request.width), keys=keys)
+
+    @torch.no_grad()
+    def step(self, batch: list[Active]) -> None:
+        """One denoising step for every request in ``batch`` (all of one latent size), one UNet call."""
+        # 1. the UNet batch: each request's rows, doubled [uncond; cond] for guidance
+        samples, timesteps, embeds, ids, weights = [], [], [], [], []
+        for active in batch:
+            sigma = active.sigmas[active.index]
+            x = torch.cat([active.latents] * 2) if active.cfg else active.latents
+            samples.append(x / ((sigma**2 + 1) ** 0.5))  # scale_model_input
+            timesteps.append(active.timesteps[active.index].expand(x.shape[0]))
+            embeds.append(active.embeds)
+            repeat = 2 if active.cfg else 1
+            ids.append(active.slot_ids.repeat(repeat, 1))
+            weights.append(active.slot_weights.repeat(repeat, 1))
+        # 2. one forward for all of them, each sample with its own adapters (slot ids)
+        self.table.set_batch(torch.cat(ids), torch.cat(weights))
+        try:
+            noise = self.pipe.unet(torch.cat(samples), torch.cat(timesteps), encoder_hidden_states=torch.cat(embeds),
+                                   return_dict=False)[0]
+        finally:
+            self.table.set_batch(None)
+        # 3. per request: guidance, then the Euler Ancestral update with its own generator
+        start = 0
+        for active in batch:
+            out = noise[start:start + active.unet_rows]
+            start += active.unet_rows
+            if active.cfg:
+                uncond, text = out.chunk(2)
+                out = uncond + active.guidance_scale * (text - uncond)
+            active.latents = self._euler_ancestral(active, out)
+            active.index += 1
+
+    def _euler_ancestral(self, active: Active, model_output: torch.Tensor) -> torch.Tensor:
+        sigma_from = active.sigmas[active.index]
+        sigma_to = active.sigmas[active.index + 1]
+        sample = active.latents.to(torch.float32)  # upcast, as diffusers does
+        # 1. predicted original sample (x_0) from the sigma-scaled predicted noise
+        if self.scheduler_config.prediction_type == "epsilon":
+            pred_original = sample - sigma_from * model_output
+        elif self.scheduler_config.prediction_type == "v_prediction":
+            pred_original = model_output * (-sigma_from / (sigma_from**2 + 1) ** 0.5) + (sample / (sigma_from**2 + 1))
+        else:
+            raise ValueError(f"prediction_type {self.scheduler_config.prediction_type!r} is not supported; "
+                             "use an epsilon or v_prediction model")
+        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        # 2. convert to an ODE derivative and take the deterministic part of the step
+        derivative = (sample - pred_original) / sigma_from
+        prev = sample + derivative * (sigma_down - sigma_from)
+        # 3. the ancestral noise, drawn from this request's generator on the CPU
+        noise = torch.randn(model_output.shape, generator=active.generator, dtype=model_output.dtype)
+        prev = prev + noise.to(model_output.device) * sigma_up
+        return prev.to(model_output.dtype)
+
+    @torch.no_grad()
+    def decode(self, active: Active) -> list[Image.Image]:
+        vae = self.pipe.vae
+        image = vae.decode(active.latents / vae.config.scaling_factor, return_dict=False,
+                           generator=active.generator)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
