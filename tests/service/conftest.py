@@ -261,6 +261,10 @@ def train_and_generate(service: Service, client: httpx.Client, tmp_path: Path) -
     assert job["status"] == "succeeded", (job, service.logs())
     assert job["progress"]["step"] == 4 and job["adapter_id"]
     assert job["id"] in [j["id"] for j in client.get("/jobs").json()]
+    history = client.get(f"/jobs/{job['id']}/history").json()["events"]
+    assert [e["status"] for e in history if e["kind"] == "status"] == ["queued", "running", "succeeded"]
+    assert [e["data"]["step"] for e in history if e["kind"] == "progress"][-1] == 4
+    assert [e["data"]["step"] for e in history if e["kind"] == "checkpoint"] == [2, 4]
 
     adapters = client.get("/adapters").json()
     assert job["adapter_id"] in [a["id"] for a in adapters]

@@ -199,7 +199,8 @@ def test_openapi_is_complete(client):
     expected = {
         ("/datasets", "post"), ("/datasets", "get"), ("/datasets/{dataset_id}", "get"), ("/train", "post"),
         ("/jobs", "get"), ("/jobs/{job_id}", "get"), ("/jobs/{job_id}/cancel", "post"),
-        ("/jobs/{job_id}/events", "get"), ("/adapters", "get"), ("/adapters/{adapter_id}", "get"),
+        ("/jobs/{job_id}/events", "get"), ("/jobs/{job_id}/history", "get"), ("/adapters", "get"),
+        ("/adapters/{adapter_id}", "get"),
         ("/adapters/{adapter_id}/download", "get"), ("/adapters/{adapter_id}", "delete"),
         ("/generate", "post"), ("/evaluate", "post"), ("/dashboard", "get"), ("/healthz", "get"),
     }
@@ -251,3 +252,50 @@ bad = [m for m in ('torch', 'diffusers', 'transformers', 'accelerate') if m in s
 assert not bad, bad
 """
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_a_corrupt_image_is_a_422_naming_the_file_in_api_terms(client, settings):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("good.txt", "a caption")
+        archive.writestr("broken-cat.png", b"\x89PNG\r\n\x1a\n this is not an image")
+        archive.writestr("broken-cat.txt", "a cat")
+    response = client.post("/datasets", files={"file": ("d.zip", buffer.getvalue())}, headers=auth())
+    assert response.status_code == 422, response.text
+    message = response.json()["message"]
+    assert "broken-cat.png" in message and "--" not in message, message
+    assert "skip_bad=true" in message  # what to do, as the API spells it
+    assert not any(settings.uploads_dir.iterdir())
+    assert not settings.datasets_dir.exists() or not any(settings.datasets_dir.iterdir())
+
+
+def test_finished_job_history(client, settings):
+    """Status changes and progress points, owner-checked: what the dashboard draws."""
+    from api.auth import get_or_create_tenant
+    from api.core.jobs import create_job
+    from worker.lease import JobLease
+
+    with session_scope(settings.database_url) as session:
+        tenant = get_or_create_tenant(session, "admin")
+        job_id = create_job(session, tenant_id=tenant.id, kind="finetune", params={}).id
+    lease = JobLease(settings, job_id, "w1")
+    assert lease.claim().status == "claimed"
+    for step in (1, 2, 3, 4):
+        lease.report({"step": step, "total": 4, "loss": 1.0 / step, "lr": 1e-4}, force=True)
+    assert lease.finish("succeeded", result={"steps_done": 4})
+
+    response = client.get(f"/jobs/{job_id}/history", headers=auth())
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["job_id"] == job_id and body["status"] == "succeeded"
+    statuses = [(e["data"]["from"], e["status"]) for e in body["events"] if e["kind"] == "status"]
+    assert statuses == [(None, "queued"), ("queued", "running"), ("running", "succeeded")]
+    points = [e["data"] for e in body["events"] if e["kind"] == "progress"]
+    assert [p["step"] for p in points] == [1, 2, 3, 4] and points[-1]["loss"] == 0.25
+    only = client.get(f"/jobs/{job_id}/history", params={"kind": "progress"}, headers=auth()).json()
+    assert {e["kind"] for e in only["events"]} == {"progress"}
+    assert client.get(f"/jobs/{job_id}/history", params={"kind": "nope"}, headers=auth()).status_code == 422
+
+    with session_scope(settings.database_url) as session:
+        key, _ = create_api_key(session, "mallory")
+    assert client.get(f"/jobs/{job_id}/history", headers=auth(key)).status_code == 404
