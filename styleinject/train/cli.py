@@ -42,10 +42,13 @@ def add_commands(subparsers) -> None:
 
 
 def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
+    # Each option's dest is the TrainConfig / StyleInjectConfig field it sets, so field_flags()
+    # maps library error fields to these flags without a hand-kept table.
     io = p.add_argument_group("input and output")
     io.add_argument("--base-model", required=True, help="student base model: diffusers folder or hub id")
     io.add_argument("--data", required=True, help=_DATA_HELP[kind])
-    io.add_argument("--output", required=True, dest="output_dir", metavar="OUTPUT", help="output folder: final adapter, checkpoints/, validation/")
+    io.add_argument("--output", required=True, dest="output_dir", metavar="OUTPUT",
+                    help="output folder: final adapter, checkpoints/, validation/")
     io.add_argument("--skip-bad", action="store_true", help="skip (and count) bad items instead of stopping")
 
     tr = p.add_argument_group("training")
@@ -57,8 +60,10 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     tr.add_argument("--random-flip", action="store_true", help="mirror half of the images")
     tr.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and noise")
     tr.add_argument("--batch-size", type=int, default=1, help="samples per device per micro-step")
-    tr.add_argument("--grad-accum", type=int, default=1, dest="gradient_accumulation_steps", metavar="GRAD_ACCUM", help="micro-steps per optimizer step")
-    tr.add_argument("--lr", type=float, default=1e-4, dest="learning_rate", metavar="LR", help="AdamW learning rate (constant)")
+    tr.add_argument("--grad-accum", type=int, default=1, dest="gradient_accumulation_steps", metavar="GRAD_ACCUM",
+                    help="micro-steps per optimizer step")
+    tr.add_argument("--lr", type=float, default=1e-4, dest="learning_rate", metavar="LR",
+                    help="AdamW learning rate (constant)")
     tr.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps before the constant lr")
     tr.add_argument("--snr-gamma", type=float, default=None, help="min-SNR loss weighting gamma (e.g. 5); "
                     "off by default" + ("" if kind != "distill" else " (not used by distill)"))
@@ -137,7 +142,8 @@ def config_from_args(args: argparse.Namespace):
                  "prior_loss_weight": args.prior_loss_weight}
     return TrainConfig(
         kind=args.kind, base_model=args.base_model, data=args.data, output_dir=args.output_dir, steps=args.steps,
-        resolution=args.resolution, batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        resolution=args.resolution, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=args.learning_rate, lr_warmup_steps=args.lr_warmup_steps, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         snr_gamma=args.snr_gamma, checkpoint_every=args.checkpoint_every,

@@ -139,7 +139,7 @@ class Scorer:
         return {"name": self.name}
 
 
-class _CLIPScorerBase(Scorer):
+class CLIPScorerBase(Scorer):
     """Shared loading and embedding code for CLIP-architecture scorers."""
 
     # option fields that set the weights (CLI: --clip-model...; API: STYLEINJECT_SCORER_PATHS keys)

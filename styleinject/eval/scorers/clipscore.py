@@ -6,12 +6,12 @@ from typing import Any
 
 import torch
 
-from styleinject.eval.scorers.base import _CLIPScorerBase
+from styleinject.eval.scorers.base import CLIPScorerBase
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 
 
-class CLIPScorer(_CLIPScorerBase):
+class CLIPScorer(CLIPScorerBase):
     """CLIPScore (Hessel et al., 2021, "CLIPScore: A Reference-free Evaluation Metric for Image
     Captioning"), reported x100:
 

@@ -6,13 +6,13 @@ from typing import Any
 
 import torch
 
-from styleinject.eval.scorers.base import _CLIPScorerBase
+from styleinject.eval.scorers.base import CLIPScorerBase
 
 DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
-class PickScorer(_CLIPScorerBase):
+class PickScorer(CLIPScorerBase):
     """PickScore (Kirstain et al., 2023, "Pick-a-Pic"): the CLIP-H model fine-tuned on human
     preferences, scored as its own logit, exp(logit_scale) * cos(image, prompt), then offset by
     -21.0 as the StyleInject paper reports it (so typical SD 1.5 samples land around 0..1.5).
