@@ -11,8 +11,17 @@ from pathlib import Path
 from styleinject.errors import option_names, render_message
 
 # Modules that add their own sub-commands; each imports only argparse at module level so that
-# `styleinject --help` stays fast and works without the optional extras installed.
-_COMMAND_MODULES = ("styleinject.train.cli", "styleinject.eval.cli", "api.cli")
+# `styleinject --help` stays fast and works without the optional extras installed. Other installed
+# packages add theirs through this entry point group (the service: serve, apikey, db, worker); the
+# library never imports them by name.
+_COMMAND_MODULES = ("styleinject.train.cli", "styleinject.eval.cli")
+COMMANDS_GROUP = "styleinject.commands"
+
+
+def _command_modules() -> list[str]:
+    from importlib.metadata import entry_points
+
+    return [*_COMMAND_MODULES, *sorted({ep.module for ep in entry_points(group=COMMANDS_GROUP)})]
 
 
 class UserError(Exception):
@@ -92,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"styleinject {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_generate(subparsers)
-    for name in _COMMAND_MODULES:
+    for name in _command_modules():
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
