@@ -144,6 +144,22 @@ def test_the_library_imports_no_service_code():
     assert _violations("styleinject", ("api", "worker")) == []
 
 
+def test_the_library_names_no_service_module_either():
+    """No importlib.import_module("api.cli") detours: service parts reach the library only through
+    the ``styleinject.commands`` entry point group."""
+    import re
+
+    dotted = re.compile(r"^(api|worker)(\.\w+)*(:\w+)?$")
+    found = []
+    for module, path in MODULES.items():
+        if _top(module) != "styleinject":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and dotted.match(node.value):
+                found.append(f"{module}: {node.value!r}")
+    assert found == []
+
+
 def test_api_never_imports_worker():
     assert _violations("api", ("worker",)) == []
 

@@ -48,6 +48,16 @@ def test_styleinject_help_lists_the_service_commands():
     serve = subprocess.run([sys.executable, "-m", "styleinject.cli", "serve", "--help"], cwd=REPO,
                            capture_output=True, text=True, timeout=120, check=True).stdout
     assert "--home" in serve and "--port" in serve
+    worker = subprocess.run([sys.executable, "-m", "styleinject.cli", "worker", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "--queues" in worker and "--pool" in worker  # from worker.cli, via the entry point group
+
+
+def test_worker_cli_module_imports_only_argparse():
+    code = ("import sys; before = set(sys.modules); import worker.cli; "
+            "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+            "assert new <= {'worker', 'argparse', 'gettext', 'locale'}, new")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 
 def test_serve_refuses_a_busy_port_before_touching_home(tmp_path):
