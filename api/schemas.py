@@ -7,8 +7,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-TrainKind = Literal["finetune", "distill", "dreambooth"]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from api.core.db.models import DATASET_STATUSES, JOB_EVENT_KINDS, JOB_KINDS, JOB_STATUSES
+from styleinject.names import MIXED_PRECISIONS, SCORER_NAMES, TRAIN_KINDS
+
+# Each list of names has one home (the library's styleinject.names, the core's db models); the
+# schemas only turn them into Literal types.
+TrainKind = Literal[TRAIN_KINDS]
+JobStatus = Literal[JOB_STATUSES]
+JobKind = Literal[JOB_KINDS]
+DatasetStatus = Literal[DATASET_STATUSES]
+JobEventKind = Literal[JOB_EVENT_KINDS]
+MixedPrecision = Literal[MIXED_PRECISIONS]
+ScorerName = Literal[SCORER_NAMES]
 
 
 class ErrorOut(BaseModel):
@@ -25,7 +35,7 @@ class _Out(BaseModel):
 class DatasetOut(_Out):
     id: str
     name: str
-    status: Literal["validating", "ready", "invalid"]
+    status: DatasetStatus
     format: str | None = None
     num_items: int | None = None
     has_teacher_text: bool | None = None
@@ -72,7 +82,7 @@ class TrainRequest(BaseModel):
     gradient_accumulation_steps: int | None = Field(None, ge=1, le=1024)
     learning_rate: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    mixed_precision: MixedPrecision | None = None
     gradient_checkpointing: bool | None = None
     checkpoint_every: int | None = Field(None, ge=1)
     keep_checkpoints: int | None = Field(None, ge=1, le=100)
@@ -102,7 +112,7 @@ class CheckpointOut(_Out):
 
 class JobOut(BaseModel):
     id: str
-    kind: Literal["finetune", "distill", "dreambooth", "evaluate"]
+    kind: JobKind
     status: JobStatus
     dataset_id: str | None = None
     adapter_id: str | None = Field(
@@ -125,7 +135,7 @@ class JobOut(BaseModel):
 class JobEventOut(_Out):
     id: int
     at: datetime
-    kind: Literal["status", "progress", "checkpoint", "score"]
+    kind: JobEventKind
     status: str | None = Field(None, description="status events: the new status; progress: running")
     data: dict[str, Any] | None = Field(
         None, description="status: {from (null when created), error?, worker_id?, attempt?}; progress: {step, total, loss, lr, "
@@ -204,7 +214,7 @@ class EvaluateRequest(BaseModel):
 
     adapter_id: str
     prompts: list[str] | None = Field(None, description="Default: the evaluator's prompt suite")
-    scorers: list[Literal["clipscore", "pickscore", "imagereward"]] | None = Field(
+    scorers: list[ScorerName] | None = Field(
         None, description="Default: clipscore. Weights come from STYLEINJECT_SCORER_PATHS"
     )
     seeds: list[int] | None = Field(None, description="Default: the evaluator's seeds")

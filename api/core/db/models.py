@@ -26,8 +26,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-JOB_KINDS = ("finetune", "distill", "dreambooth", "evaluate")
-TRAIN_KINDS = ("finetune", "distill", "dreambooth")
+from styleinject.names import TRAIN_KINDS  # the library owns the training kinds
+
+JOB_KINDS = (*TRAIN_KINDS, "evaluate")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
 # What a job_events row records (api/core/jobs.py writes them; GET /jobs/{id}/history reads them).
