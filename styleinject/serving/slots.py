@@ -158,9 +158,15 @@ class LayerSlots(nn.Module):
         else:
             logits = torch.einsum("bi,bkni->bkn", pooled, self.router_weight[ids]) + self.router_bias[ids]
             s = logits.softmax(dim=-1)
-        # 2. mix the n down-projections per sample: A_mix = sum_i s_i A_i (Eq. 2)
-        A = self.A[ids]  # (batch, K, n, r, in[, kh, kw])
-        A_mix = A[:, :, 0] if s is None else torch.einsum("bkn,bknr...->bkr...", s, A)
+        # 2. mix the n down-projections per sample: A_mix = sum_i s_i A[id, i] (Eq. 2), as one GEMM
+        #    of a (batch*K, S*n) coefficient matrix (s at the sample's slot, 0 elsewhere) with the
+        #    whole table: its cost does not depend on how many different adapters the batch mixes,
+        #    and no per-sample copy of A is made
+        S, n = self.A.shape[:2]
+        coeff = x.new_zeros(ids.shape[0], ids.shape[1], S, n)
+        mix = x.new_ones(*ids.shape, n) if s is None else s  # n = 1 layers: the one style, weight 1
+        coeff.scatter_(2, ids[..., None, None].expand(-1, -1, 1, n), mix[:, :, None, :])
+        A_mix = (coeff.view(-1, S * n) @ self.A.view(S * n, -1)).view(*ids.shape, *self.A.shape[2:])
         Bw = self.B[ids] * (self.scale[ids] * w)[..., None, None]  # (batch, K, out, r), scaled
         # 3. low-rank update B A_mix x, summed over the sample's K adapters
         if self.is_conv:
