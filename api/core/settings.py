@@ -80,22 +80,6 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         return not self.broker_url.startswith(("redis://", "rediss://", "amqp://", "amqps://"))
 
-    @property
-    def uploads_dir(self) -> Path:
-        return self.artifact_root / "uploads"
-
-    @property
-    def datasets_dir(self) -> Path:
-        return self.artifact_root / "datasets"
-
-    @property
-    def jobs_dir(self) -> Path:
-        return self.artifact_root / "jobs"
-
-    @property
-    def generations_dir(self) -> Path:
-        return self.artifact_root / "generations"
-
     def resolved_base_model(self) -> str:
         """STYLEINJECT_BASE_MODEL, else the demo model shipped with the package (the toy base)."""
         if self.base_model:

@@ -18,6 +18,7 @@ from api.core.db.models import Dataset, GenerationRequest, Job
 from api.core.db.session import session_scope
 from api.main import create_app
 from api.core.settings import Settings
+from api.core.storage import DATASETS, UPLOADS
 from tests.service.conftest import REPO, TINY_GENERATE
 
 
@@ -103,7 +104,7 @@ def test_upload_over_the_cap_is_413_and_leaves_nothing(client, settings):
     for size in (100_000, 1_000_000):  # caught while streaming / by the declared Content-Length
         response = client.post("/datasets", files={"file": ("big.zip", b"\0" * size)}, headers=auth())
         assert response.status_code == 413 and "STYLEINJECT_MAX_UPLOAD_BYTES" in response.json()["message"]
-    assert not any(settings.uploads_dir.iterdir()) if settings.uploads_dir.exists() else True
+    assert not any((settings.artifact_root / UPLOADS).iterdir()) if (settings.artifact_root / UPLOADS).exists() else True
     with session_scope(settings.database_url) as session:
         assert session.scalars(select(Dataset)).all() == []
 
@@ -115,7 +116,7 @@ def test_upload_type_and_field_checks(client, settings):
     assert response.status_code == 422 and "'file'" in response.json()["message"]
     response = client.post("/datasets", content=b"{}", headers={**auth(), "content-type": "application/json"})
     assert response.status_code == 415
-    assert not any(settings.uploads_dir.iterdir())
+    assert not any((settings.artifact_root / UPLOADS).iterdir())
 
 
 def test_upload_is_validated_by_the_engine(client, settings, tmp_path):
@@ -129,10 +130,10 @@ def test_upload_is_validated_by_the_engine(client, settings, tmp_path):
     assert dataset["size_bytes"] == len(data) and len(dataset["sha256"]) == 64
     with session_scope(settings.database_url) as session:
         path = session.get(Dataset, dataset["id"]).path
-    assert path == str(settings.datasets_dir / dataset["id"] / "data")
-    assert sorted(p.name for p in (settings.datasets_dir / dataset["id"] / "data").iterdir()) == [
+    assert path == str((settings.artifact_root / DATASETS) / dataset["id"] / "data")
+    assert sorted(p.name for p in ((settings.artifact_root / DATASETS) / dataset["id"] / "data").iterdir()) == [
         "img0.png", "img0.txt", "img1.png", "img1.txt"]
-    assert not any(settings.uploads_dir.iterdir())
+    assert not any((settings.artifact_root / UPLOADS).iterdir())
     assert client.get(f"/datasets/{dataset['id']}", headers=auth()).json() == dataset
     assert [d["id"] for d in client.get("/datasets", headers=auth()).json()] == [dataset["id"]]
 
@@ -146,8 +147,8 @@ def test_upload_is_validated_by_the_engine(client, settings, tmp_path):
     assert response.status_code == 201 and response.json()["num_items"] == 2
     response = client.post("/train", json={"dataset_id": response.json()["id"], "steps": 2}, headers=auth())
     assert response.status_code == 422 and "distill" in response.json()["message"]
-    assert not any(settings.uploads_dir.iterdir())
-    assert len(list(settings.datasets_dir.iterdir())) == 2  # the rejected one left nothing
+    assert not any((settings.artifact_root / UPLOADS).iterdir())
+    assert len(list((settings.artifact_root / DATASETS).iterdir())) == 2  # the rejected one left nothing
 
 
 def test_zip_slip_is_rejected_in_process(client, settings, tmp_path):
@@ -160,8 +161,8 @@ def test_zip_slip_is_rejected_in_process(client, settings, tmp_path):
     assert response.status_code == 422, response.text
     assert "traversal" in response.json()["message"] or "outside" in response.json()["message"]
     assert not list(settings.home.parent.rglob("escaped*.txt"))
-    assert not any(settings.uploads_dir.iterdir())
-    assert not settings.datasets_dir.exists() or not any(settings.datasets_dir.iterdir())
+    assert not any((settings.artifact_root / UPLOADS).iterdir())
+    assert not (settings.artifact_root / DATASETS).exists() or not any((settings.artifact_root / DATASETS).iterdir())
     with session_scope(settings.database_url) as session:
         assert session.scalars(select(Dataset)).all() == []
 
@@ -265,8 +266,8 @@ def test_a_corrupt_image_is_a_422_naming_the_file_in_api_terms(client, settings)
     message = response.json()["message"]
     assert "broken-cat.png" in message and "--" not in message, message
     assert "skip_bad=true" in message  # what to do, as the API spells it
-    assert not any(settings.uploads_dir.iterdir())
-    assert not settings.datasets_dir.exists() or not any(settings.datasets_dir.iterdir())
+    assert not any((settings.artifact_root / UPLOADS).iterdir())
+    assert not (settings.artifact_root / DATASETS).exists() or not any((settings.artifact_root / DATASETS).iterdir())
 
 
 def test_finished_job_history(client, settings):

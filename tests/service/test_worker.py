@@ -16,6 +16,7 @@ from api.core.db.migrate import upgrade
 from api.core.db.models import Adapter, Dataset, Job, utcnow
 from api.core.db.session import session_scope
 from api.core.settings import Settings, get_settings
+from api.core.storage import JOBS
 from tests.service.conftest import TINY_TRAIN, dataset_zip
 from worker.lease import JobLease
 
@@ -135,7 +136,7 @@ def test_redelivered_train_task_resumes_from_the_latest_checkpoint(settings, tin
                         lease_expires_at=utcnow() - timedelta(seconds=1)))
     # what worker A left behind: the same run, stopped after its step-2 checkpoint
     partial = TrainConfig(kind="finetune", base_model=str(tiny_model), data=str(data),
-                          output_dir=str(settings.jobs_dir / "job1"), steps=2, resolution=64,
+                          output_dir=str((settings.artifact_root / JOBS) / "job1"), steps=2, resolution=64,
                           checkpoint_every=2, learning_rate=1e-2,
                           adapter=StyleInjectConfig(rank=4, num_styles=2))
     run_training(partial)
