@@ -134,8 +134,11 @@ def train(self, job_id: str) -> dict[str, Any]:
                "skip_bad": bool(dataset is not None and dataset.skip_bad)}
         data_path = dataset.path if dataset is not None and dataset.status == "ready" else None
     output_dir = store.path_for(JOBS, job_id)
+    if store.exists(JOBS, job_id):  # a redelivered job resumes from the checkpoints stored so far
+        store.get_dir(JOBS, job_id)
 
     def record_checkpoints() -> None:
+        store.put_dir(JOBS, job_id, output_dir)  # checkpoints outlive this machine (no-op locally)
         with session_scope(settings.database_url) as session:
             _sync_checkpoints(session, job_id, output_dir)
 
