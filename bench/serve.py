@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -191,14 +190,20 @@ def latency_under_training(pipe, model: str, adapters: list[str], repeats: int) 
         subprocess.run([sys.executable, "-m", "styleinject.eval.toyworld.dataset", "--out", str(data), "-n", "16",
                         "--seed", "0", "--style", "stripes"], check=True, capture_output=True)
         cli = Path(sys.executable).with_name("styleinject")
-        train = subprocess.Popen([str(cli), "finetune", "--base-model", model, "--data", str(data),
-                                  "--output", str(Path(tmp) / "out"), "--steps", "100000", "--batch-size", "4"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log = Path(tmp) / "train.log"
+        with open(log, "w") as sink:  # a file, not a pipe: a full pipe would stall the job
+            train = subprocess.Popen([str(cli), "finetune", "--base-model", model, "--data", str(data),
+                                      "--output", str(Path(tmp) / "out"), "--steps", "100000", "--batch-size", "4"],
+                                     stdout=sink, stderr=sink)
         try:
-            time.sleep(20)  # past model loading: the job is in its steps
-            if train.poll() is not None:
-                raise RuntimeError(f"the training job ended early: {train.stderr.read()[-2000:]}")
+            deadline = time.monotonic() + 120
+            while "loss=" not in log.read_text():  # the job is in its steps
+                if train.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the training job did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.5)
             busy = latency()
+            if train.poll() is not None:
+                raise RuntimeError("the training job ended while latency was measured")
         finally:
             train.kill()
             train.wait()
