@@ -16,6 +16,7 @@ by hand (tests, benchmarks). Torch only: no web, database or queue code here.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -127,6 +128,8 @@ class Engine:
                 self._stopping = False
                 self._thread = threading.Thread(target=self._run, name="styleinject-engine", daemon=True)
                 self._thread.start()
+                # end the loop between two steps before the interpreter tears torch down under it
+                atexit.register(self.stop)
 
     def _run(self) -> None:
         while True:
