@@ -10,7 +10,7 @@ import math
 import torch
 
 from styleinject import StyleInjectConfig
-from styleinject.adapters.inject import expected_state_shapes
+from styleinject.adapters.model import expected_state_shapes
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,

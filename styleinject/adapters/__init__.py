@@ -15,7 +15,7 @@ _HOMES = {
     "load_adapter": "io",
     "read_adapter_metadata": "io",
     "save_adapter": "io",
-    **{name: "inject" for name in (
+    **{name: "model" for name in (
         "active_adapter", "adapters_disabled", "adapter_parameters", "adapter_state_dict", "count_parameters",
         "delete_adapter", "disable_adapters", "enable_adapters", "get_adapter_config", "inject", "list_adapters",
         "set_adapter", "set_adapter_scale")},

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from styleinject.adapters.config import CONFIG_NAME, StyleInjectConfig
-from styleinject.adapters.inject import (
+from styleinject.adapters.model import (
     adapter_state_dict,
     assign_adapter,
     delete_adapter,

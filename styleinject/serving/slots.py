@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from styleinject.adapters.config import StyleInjectConfig
-from styleinject.adapters.inject import expected_state_shapes, list_adapters, plan
+from styleinject.adapters.model import expected_state_shapes, list_adapters, plan
 from styleinject.adapters.layers import StyleInjectLayer
 
 

@@ -145,7 +145,7 @@ def test_expected_shapes_count_what_inject_creates(tiny_unet):
     """bench/param_counts.py counts with expected_state_shapes; it must agree with real injection."""
     import math
 
-    from styleinject.adapters.inject import expected_state_shapes
+    from styleinject.adapters.model import expected_state_shapes
 
     cfg = StyleInjectConfig(rank=4, num_styles=3, conv_target_modules=["conv1"], style_modules=["to_q", "conv1"])
     planned = sum(math.prod(s) for s in expected_state_shapes(tiny_unet, cfg).values())
