@@ -98,19 +98,25 @@ def _serve(args) -> int:
     _prune_delivered_messages(settings.broker_url)
     _requeue_orphans(settings, app.state.celery)
 
-    supervisor = None
+    supervisors = []
     if not args.no_worker:
-        # the worker's Celery app is named, not imported: api never imports worker
-        command = [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
-                   "--pool", "solo", "--concurrency", "1", "--queues", "train,generate",
-                   "--hostname", f"embedded-{os.getpid()}@%h", "--loglevel", args.log_level.upper()]
-        # Warm shutdown on stop: an idle worker exits at once; a running job gets 10 s, then is
-        # killed and resumes from its latest checkpoint on the next start. After a crash the dead
-        # worker's job resumes once its lease expires (re-sent here: the embedded broker does not).
-        supervisor = WorkerSupervisor(
-            command, env={**os.environ, **settings.to_env()}, max_restarts=5, backoff_s=2,
-            stop_timeout_s=10, on_restart=lambda _n: _requeue_orphans(settings, app.state.celery))
-        supervisor.start()
+        # Two worker processes, so generation never waits behind training: "train" runs one job at a
+        # time (solo pool: its soft time limit is enforced), "generate" holds many requests at once
+        # (threads pool) and batches them on its serving engine. On a GPU both share the device.
+        # The Celery app is named, not imported: api never imports worker.
+        env = {**os.environ, **settings.to_env()}
+        for queue, pool, concurrency in (("train", "solo", 1), ("generate", "threads", settings.generate_concurrency)):
+            command = [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
+                       "--pool", pool, "--concurrency", str(concurrency), "--queues", queue,
+                       "--hostname", f"embedded-{queue}-{os.getpid()}@%h", "--loglevel", args.log_level.upper()]
+            # Warm shutdown on stop: an idle worker exits at once; a running job gets 10 s, then is
+            # killed and resumes from its latest checkpoint on the next start. After a crash the dead
+            # worker's job resumes once its lease expires (re-sent here: the embedded broker does not).
+            supervisor = WorkerSupervisor(
+                command, env=env, max_restarts=5, backoff_s=2, stop_timeout_s=10,
+                on_restart=lambda _n: _requeue_orphans(settings, app.state.celery))
+            supervisor.start()
+            supervisors.append(supervisor)
 
     def on_sigterm(signum, frame):  # uvicorn re-raises SIGTERM after its shutdown: end cleanly
         raise SystemExit(0)
@@ -129,7 +135,7 @@ def _serve(args) -> int:
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
-        if supervisor is not None:
+        for supervisor in supervisors:
             supervisor.stop()
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
 from celery import Celery
@@ -84,6 +85,30 @@ def get_tenant(
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
+
+
+@dataclass(frozen=True)
+class TenantRef:
+    id: str
+    name: str
+
+
+def get_tenant_ref(
+    request: Request,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> TenantRef:
+    """The calling tenant, authenticated with a session closed before the route runs: for routes
+    that wait (SSE, the synchronous /generate), which must not hold a database connection."""
+    session = session_factory(settings.database_url)()
+    try:
+        tenant = get_tenant(request, session, settings, credentials)
+        return TenantRef(tenant.id, tenant.name)
+    finally:
+        session.close()
+
+
+TenantRefDep = Annotated[TenantRef, Depends(get_tenant_ref)]
 
 
 def get_owned(session: Session, model: type[T], id_: str, tenant: Tenant) -> T:

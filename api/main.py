@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import __version__
-from api.routes import adapters, dashboard, datasets, evaluate, generate, health, jobs, train
+from api.routes import adapters, dashboard, datasets, evaluate, generate, generations, health, jobs, train
 from api.core.celery import make_celery
 from api.core.settings import Settings, get_settings
 from api.core.storage import make_store
@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.celery = make_celery(settings)
     app.state.store = make_store(settings)
-    for module in (datasets, train, jobs, adapters, generate, evaluate, dashboard, health):
+    for module in (datasets, train, jobs, adapters, generate, generations, evaluate, dashboard, health):
         app.include_router(module.router)
 
     @app.exception_handler(StarletteHTTPException)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from api.core.db.models import DATASET_STATUSES, JOB_EVENT_KINDS, JOB_KINDS, JOB_STATUSES
+from api.core.db.models import DATASET_STATUSES, GENERATION_STATUSES, JOB_EVENT_KINDS, JOB_KINDS, JOB_STATUSES
 from styleinject.names import MIXED_PRECISIONS, SCORER_NAMES, TRAIN_KINDS
 
 # Each list of names has one home (the library's styleinject.names, the core's db models); the
@@ -19,6 +19,7 @@ DatasetStatus = Literal[DATASET_STATUSES]
 JobEventKind = Literal[JOB_EVENT_KINDS]
 MixedPrecision = Literal[MIXED_PRECISIONS]
 ScorerName = Literal[SCORER_NAMES]
+GenerationStatus = Literal[GENERATION_STATUSES]
 
 
 class ErrorOut(BaseModel):
@@ -178,6 +179,13 @@ class AdapterDetail(AdapterOut):
 
 # -- generation and evaluation --------------------------------------------------------------------
 
+class AdapterChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=64)
+    scale: float = Field(1.0, ge=-4, le=4, allow_inf_nan=False)
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -192,8 +200,40 @@ class GenerateRequest(BaseModel):
                               "SD 1.5, 32 for the demo model). Bounded by STYLEINJECT_MAX_IMAGE_SIZE")
     height: int | None = Field(None, ge=8, multiple_of=8, description="Default: as width")
     num_images: int = Field(1, ge=1, description="Bounded by STYLEINJECT_MAX_NUM_IMAGES")
-    adapter_id: str | None = None
+    adapter_id: str | None = Field(None, description="One adapter (or use `adapters` for several)")
     adapter_scale: float = Field(1.0, ge=-4, le=4)
+    adapters: list[AdapterChoice] | None = Field(
+        None, description="Several adapters, each with its weight; their effects add up (like diffusers "
+        "`set_adapters`). Not together with `adapter_id`. At most STYLEINJECT_MAX_ADAPTERS_PER_REQUEST")
+
+    @model_validator(mode="after")
+    def _one_way_to_choose(self):
+        if self.adapters is not None and self.adapter_id is not None:
+            raise ValueError("give adapter_id (+ adapter_scale) or adapters, not both")
+        return self
+
+    def choices(self) -> list[AdapterChoice]:
+        if self.adapters is not None:
+            return list(self.adapters)
+        return [] if self.adapter_id is None else [AdapterChoice(id=self.adapter_id, scale=self.adapter_scale)]
+
+
+class GenerationOut(BaseModel):
+    """A generation request: queued, running (with progress) or finished."""
+
+    id: str
+    status: GenerationStatus
+    queue_position: int | None = Field(None, description="Requests queued ahead of this one (0 = next); "
+                                       "null once it runs")
+    progress: dict[str, Any] | None = Field(None, description='{"step": ..., "total": ...} while running')
+    error: str | None = None
+    images: list[str] = Field([], description="URLs of the PNGs (GET with your key), once succeeded")
+    params: dict[str, Any]
+    adapters: list[AdapterChoice]
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_s: float | None = None
 
 
 class GenerateOut(BaseModel):
@@ -206,6 +246,7 @@ class GenerateOut(BaseModel):
     guidance_scale: float
     adapter_id: str | None = None
     adapter_scale: float
+    adapters: list[AdapterChoice] = []
     duration_s: float | None = None
 
 

@@ -15,9 +15,12 @@ def add_commands(subparsers) -> None:
     worker.add_argument("--home", default=None,
                         help="state folder (default $STYLEINJECT_HOME or ~/.styleinject)")
     worker.add_argument("--queues", default="train,generate", help="comma-separated (default train,generate)")
-    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
-                        help="prefork (default: time limits enforced), solo or threads")
-    worker.add_argument("--concurrency", type=int, default=1, help="tasks at once (default 1 per GPU)")
+    worker.add_argument("--pool", default=None, choices=["prefork", "solo", "threads"],
+                        help="default: threads for a generate-only worker (its engine batches the requests "
+                        "it holds), else prefork (time limits enforced)")
+    worker.add_argument("--concurrency", type=int, default=None,
+                        help="tasks at once (default: STYLEINJECT_GENERATE_CONCURRENCY for a generate-only "
+                        "worker, else 1 per GPU)")
     worker.add_argument("--hostname", default=None, help="Celery node name (default celery@<host>)")
     worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     worker.set_defaults(func=_worker)
@@ -29,9 +32,13 @@ def _worker(args) -> int:
     if args.home:
         # the process settings, set before the Celery app and the tasks are built from them
         configure_settings(Settings(home=args.home))
+    from api.core.settings import get_settings
     from worker.celery_app import celery_app
 
-    argv = ["worker", "--pool", args.pool, "--concurrency", str(args.concurrency),
+    generate_only = [q.strip() for q in args.queues.split(",") if q.strip()] == ["generate"]
+    pool = args.pool or ("threads" if generate_only else "prefork")
+    concurrency = args.concurrency or (get_settings().generate_concurrency if pool == "threads" else 1)
+    argv = ["worker", "--pool", pool, "--concurrency", str(concurrency),
             "--queues", args.queues, "--loglevel", args.log_level.upper()]
     if args.hostname:
         argv += ["--hostname", args.hostname]

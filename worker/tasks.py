@@ -7,28 +7,24 @@ torch, diffusers and the library are imported inside the tasks, so importing thi
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import io
 import json
 import logging
 import os
 import socket
-import threading
-import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from api.core.celery import TASK_EVALUATE, TASK_GENERATE, TASK_TRAIN
-from api.core.db.models import Adapter, Checkpoint, Dataset, EvalScore, GenerationRequest, Job, utcnow
+from api.core.db.models import Adapter, Checkpoint, Dataset, EvalScore, Job
 from api.core.db.session import session_scope
 from api.core.jobs import record_event
 from api.core.settings import get_settings
-from api.core.storage import GENERATIONS, JOBS, ArtifactStore, make_store
+from api.core.storage import JOBS, ArtifactStore, make_store
 from worker.celery_app import celery_app
 from worker.lease import JobLease
 
@@ -198,7 +194,10 @@ def train(self, job_id: str) -> dict[str, Any]:
         adapter.base_model = cfg.base_model
         adapter.path = str(output_dir)
         adapter.config = json.loads((output_dir / "adapter_config.json").read_text())
-        adapter.meta = read_adapter_metadata(output_dir)
+        from worker.generation import content_hash
+
+        # the engine's caches key adapters by id and content, never by path or file time
+        adapter.meta = read_adapter_metadata(output_dir) | {"sha256": content_hash(output_dir)}
         adapter.size_bytes = store.size(JOBS, job_id)
         session.flush()
         _sync_checkpoints(session, job_id, output_dir, adapter.id)
@@ -209,111 +208,20 @@ def train(self, job_id: str) -> dict[str, Any]:
 
 # -- generation -------------------------------------------------------------------------------------
 
-# The base pipeline stays loaded between requests (one base model resident per worker process);
-# adapters are swapped into it per request by the library's AdapterBank. _GENERATE_LOCK makes the
-# whole request (switch adapter + denoise) atomic, so concurrent requests (threads pool) for
-# different adapters never see each other's weights.
-_PIPELINES: dict[str, Any] = {}
-_PIPELINES_LOCK = threading.Lock()
-_GENERATE_LOCK = threading.Lock()
-
-
 def get_pipeline(base_model: str):
-    with _PIPELINES_LOCK:
-        pipe = _PIPELINES.get(base_model)
-        if pipe is None:
-            from styleinject.pipeline import load_pipeline
+    """The resident pipeline (one base model per process), shared with the serving engine."""
+    from worker.generation import ENGINES
 
-            _PIPELINES.clear()  # one resident base model: free the previous one first
-            pipe = load_pipeline(base_model)
-            pipe.set_progress_bar_config(disable=True)
-            _PIPELINES[base_model] = pipe
-        return pipe
+    return ENGINES.get(base_model, get_settings()).pipe
 
 
-def _png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _fail_generation(request_id: str, message: str, status_code: int) -> dict[str, Any]:
-    settings = get_settings()
-    with session_scope(settings.database_url) as session:
-        session.execute(update(GenerationRequest).where(GenerationRequest.id == request_id)
-                        .values(status="failed", error=message, finished_at=utcnow()))
-    return {"ok": False, "error": message, "status_code": status_code}
-
-
-@celery_app.task(name=TASK_GENERATE, bind=True, soft_time_limit=_limits.generate_time_limit_s,
-                 time_limit=_limits.generate_time_limit_s + 60)
+@celery_app.task(name=TASK_GENERATE, bind=True)
 def generate(self, request_id: str) -> dict[str, Any]:
-    settings = get_settings()
-    with session_scope(settings.database_url) as session:
-        claimed = session.execute(
-            update(GenerationRequest)
-            .where(GenerationRequest.id == request_id, GenerationRequest.status == "queued")
-            .values(status="running", worker_id=_worker_id(self))
-        ).rowcount
-        if not claimed:  # the API gave up waiting, or this is a redelivery
-            return {"ok": False, "skipped": True}
-        row = session.get(GenerationRequest, request_id)
-        params = dict(row.params)
-        adapter_path, base_model = None, settings.resolved_base_model()
-        if row.adapter_id is not None:
-            adapter = session.get(Adapter, row.adapter_id)
-            if adapter is None:
-                adapter_path = ""
-            else:
-                adapter_path, base_model = adapter.path, adapter.base_model
-    store = make_store(settings)
-    try:
-        if adapter_path == "":  # the row is gone
-            raise FileNotFoundError
-        adapter_path = _local(store, adapter_path)  # None: no adapter
-        if adapter_path and not Path(adapter_path).is_dir():
-            raise FileNotFoundError
-    except FileNotFoundError:
-        return _fail_generation(request_id, "the adapter was deleted", 404)
+    """Run one request on this process's serving engine (worker/generation.py). Many of these run at
+    once in a threads-pool worker and share UNet forwards; the time limit is the engine wait's own."""
+    from worker.generation import run_generation
 
-    started = time.perf_counter()
-    try:
-        from styleinject.pipeline import generate as run_pipeline
-        from styleinject.pipeline import generation_defaults
-
-        pipe = get_pipeline(base_model)
-        # unset sampling options take the model's defaults; the resolved values go back to the client
-        resolved = {key: value if params.get(key) is None else params[key]
-                    for key, value in generation_defaults(pipe).items()}
-        if max(resolved["width"], resolved["height"]) > settings.max_image_size:
-            return _fail_generation(request_id, f"the model's default size {resolved['width']}x{resolved['height']} "
-                                    f"exceeds STYLEINJECT_MAX_IMAGE_SIZE={settings.max_image_size}; pass width "
-                                    "and height", 422)
-        params.update(resolved)
-        with _GENERATE_LOCK:
-            images = run_pipeline(
-                pipe, params["prompt"], negative_prompt=params.get("negative_prompt"),
-                seed=params["seed"], steps=params["steps"], guidance_scale=params["guidance_scale"],
-                width=params["width"], height=params["height"], num_images=params["num_images"],
-                adapter=adapter_path, adapter_scale=params["adapter_scale"])
-    except SoftTimeLimitExceeded:
-        return _fail_generation(request_id, f"generation exceeded {settings.generate_time_limit_s} s", 504)
-    except (ValueError, FileNotFoundError) as exc:  # AdapterLoadError is a ValueError
-        return _fail_generation(request_id, _message(exc), 422)
-    except Exception as exc:  # noqa: BLE001
-        log.exception("generation %s failed", request_id)
-        return _fail_generation(request_id, _message(exc), 500)
-
-    encoded = []
-    for index, image in enumerate(images):
-        png = _png_bytes(image)
-        store.write_bytes(GENERATIONS, request_id, f"{index}.png", png)
-        encoded.append(base64.b64encode(png).decode("ascii"))
-    with session_scope(settings.database_url) as session:
-        session.execute(update(GenerationRequest).where(GenerationRequest.id == request_id).values(
-            status="succeeded", output_dir=str(store.path_for(GENERATIONS, request_id)), finished_at=utcnow(),
-            duration_s=round(time.perf_counter() - started, 3)))
-    return {"ok": True, "images": encoded, **resolved}
+    return run_generation(get_settings(), request_id, _worker_id(self), _local)
 
 
 # -- evaluation -------------------------------------------------------------------------------------

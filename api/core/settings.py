@@ -47,6 +47,17 @@ class Settings(BaseSettings):
     max_inference_steps: int = 150
     max_train_steps: int = 100_000
 
+    # Serving (the generate worker's engine; docs/service.md "The serving engine").
+    engine_max_batch: int = 32  # UNet rows per forward (a request with guidance counts 2 per image)
+    engine_slots: int = 16  # device tier: adapters resident in the engine's slot table (+ the base model)
+    engine_host_bytes: int = 2 * 1024**3  # host tier: adapter tensors kept in memory (LRU)
+    generate_concurrency: int = 64  # generate tasks one worker holds at once (all batched by its engine)
+    max_adapters_per_request: int = 4
+    # Per tenant: requests queued or running, and their summed cost (steps x width x height x images).
+    # The default cost cap admits two of the largest requests the limits above allow.
+    tenant_max_pending_generations: int = 256
+    tenant_max_generation_cost: int = 2 * 150 * 1024 * 1024 * 4
+
     # Timeouts (seconds).
     generate_timeout_s: float = 300.0
     job_soft_time_limit_s: int = 48 * 3600

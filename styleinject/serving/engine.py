@@ -17,6 +17,7 @@ by hand (tests, benchmarks). Torch only: no web, database or queue code here.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import logging
 import threading
 import time
@@ -60,6 +61,7 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._cancelled: set[str] = set()
         self.autostart = autostart  # False: nothing runs until step() is called (tests, benchmarks)
 
     # -- the public side ---------------------------------------------------------------------
@@ -96,6 +98,13 @@ class Engine:
 
     def generate(self, request: Request) -> list[Image.Image]:
         return self.submit(request).result()
+
+    def cancel(self, request_id: str) -> None:
+        """Drop a request, waiting or running (it leaves the batch before the next step; its future
+        raises ``CancelledError``)."""
+        with self._wake:
+            self._cancelled.add(request_id)
+            self._wake.notify()
 
     def position(self, request_id: str) -> int | None:
         return self.scheduler.position(request_id)
@@ -146,6 +155,7 @@ class Engine:
     def step(self) -> bool:
         """One turn: admit, one denoising step for one batch, retire. False when there was no work."""
         with self.lock:
+            self._drop_cancelled()
             self._admit()
             batch = self.scheduler.next_batch()
             if batch:
@@ -175,6 +185,19 @@ class Engine:
                 else:
                     self._finish(active, images=images)
             return bool(batch)
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            cancelled, self._cancelled = self._cancelled, set()
+        if not cancelled:
+            return
+        for request, future in [w for w in self.scheduler.waiting if w[0].id in cancelled]:
+            self._dequeue(request)
+            future.cancel()
+        for group in list(self.scheduler.active.values()):
+            for active in [a for a in group if a.request.id in cancelled]:
+                self.scheduler.remove(active)
+                self._finish(active, error=concurrent.futures.CancelledError(f"request {active.request.id} cancelled"))
 
     def _admit(self) -> None:
         with self._wake:

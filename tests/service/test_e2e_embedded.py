@@ -112,8 +112,14 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _worker_pids(serve: Proc) -> list[int]:
-    return [pid for pid in _children(serve.proc.pid) if b"celery" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+def _worker_pids(serve: Proc, queue: str | None = None) -> list[int]:
+    """The Celery worker children of serve (of one queue: train or generate)."""
+    pids = []
+    for pid in _children(serve.proc.pid):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"celery" in b" ".join(cmdline) and (queue is None or cmdline[cmdline.index(b"--queues") + 1] == queue.encode()):
+            pids.append(pid)
+    return pids
 
 
 def test_killed_worker_is_restarted_and_the_job_resumes(embedded, tmp_path):
@@ -129,7 +135,7 @@ def test_killed_worker_is_restarted_and_the_job_resumes(embedded, tmp_path):
         while (client.get(f"/jobs/{job['id']}").json()["progress"] or {}).get("step", 0) < 4:
             assert time.monotonic() < deadline, service.logs()
             time.sleep(0.2)
-        [pid] = _worker_pids(serve)
+        [pid] = _worker_pids(serve, "train")
         os.kill(pid, signal.SIGKILL)
         final = wait_job(client, job["id"], timeout=180)
     assert final["status"] == "succeeded", (final, service.logs())
@@ -137,16 +143,21 @@ def test_killed_worker_is_restarted_and_the_job_resumes(embedded, tmp_path):
     log = serve.log_tail(200_000)
     assert "restarting (1)" in log and f"re-queued job {job['id']}" in log
     assert "resumed from" in log and "step-0000" in log
-    assert len(_worker_pids(serve)) == 1
+    assert len(_worker_pids(serve, "train")) == 1
 
 
-def test_serve_runs_and_stops_one_worker_process(embedded):
+def test_serve_runs_a_train_and_a_generate_worker_and_stops_them(embedded):
+    """Generation never waits behind training: one solo worker for jobs, one threads worker whose
+    engine batches the generate requests it holds."""
     service, _, _ = embedded
     serve = service.procs[0]
     workers = _worker_pids(serve)
-    assert len(workers) == 1
-    cmdline = Path(f"/proc/{workers[0]}/cmdline").read_bytes().split(b"\0")
-    assert b"--pool" in cmdline and cmdline[cmdline.index(b"--pool") + 1] == b"solo"
+    assert len(workers) == 2
+    for queue, pool in (("train", b"solo"), ("generate", b"threads")):
+        [pid] = _worker_pids(serve, queue)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[cmdline.index(b"--pool") + 1] == pool
     serve.stop(timeout=40)
     assert serve.proc.returncode == 0, serve.log_tail()
-    assert not Path(f"/proc/{workers[0]}").exists() or b"zombie" in Path(f"/proc/{workers[0]}/status").read_bytes().lower()
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes().lower()
