@@ -22,7 +22,7 @@ KEY_COOKIE = "styleinject_key"
 T = TypeVar("T")
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 

@@ -182,6 +182,47 @@ def test_generate_bounds_and_timeout(client, settings):
         assert row.status == "timeout" and row.params["seed"] == TINY_GENERATE["seed"]
 
 
+SMALL = {"steps": 30, "width": 32, "height": 32}  # cost 30 x 32 x 32 per image
+
+
+def test_generations_answer_202_with_queue_position_and_caps_answer_429(settings):
+    """No worker runs here, so requests stay queued: each later one is further back in the queue,
+    and a tenant over its cap gets 429 + Retry-After while another tenant is still served."""
+    capped = settings.model_copy(update={"tenant_max_pending_generations": 3,
+                                         "tenant_max_generation_cost": 4 * 30 * 32 * 32})
+    with TestClient(create_app(capped)) as client:
+        positions = []
+        for seed in range(3):
+            response = client.post("/generations", json={"prompt": "a red circle", "seed": seed, **SMALL}, headers=auth())
+            assert response.status_code == 202, response.text
+            body = response.json()
+            assert body["status"] == "queued" and response.headers["location"] == f"/generations/{body['id']}"
+            positions.append(body["queue_position"])
+        assert positions == [0, 1, 2]
+        response = client.post("/generations", json={"prompt": "one more", **SMALL}, headers=auth())
+        assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+        assert "STYLEINJECT_TENANT_MAX_PENDING_GENERATIONS" in response.json()["message"]
+        # cost = steps x width x height x images: another tenant's 2 images fit its cap, 3 more do not
+        from api.auth import create_api_key
+
+        with session_scope(settings.database_url) as session:
+            key, _ = create_api_key(session, "other")
+        response = client.post("/generations", json={"prompt": "x", "num_images": 2, **SMALL}, headers=auth(key))
+        assert response.status_code == 202
+        response = client.post("/generations", json={"prompt": "x", "num_images": 3, **SMALL}, headers=auth(key))
+        assert response.status_code == 429 and "STYLEINJECT_TENANT_MAX_GENERATION_COST" in response.text
+        response = client.post("/generations", json={"prompt": "x", "steps": 150, "num_images": 4,
+                                                     "width": 64, "height": 64}, headers=auth())
+        assert response.status_code == 422 and "per-tenant cap" in response.json()["message"]
+        first = client.get(f"/generations/{body['id']}", headers=auth()).json()
+        assert first["queue_position"] == 2 and first["images"] == [] and first["params"]["seed"] == 2
+        assert client.get(f"/generations/{body['id']}", headers=auth(key)).status_code == 404  # not theirs
+        assert client.get("/generations/nope", headers=auth()).status_code == 404
+        response = client.post("/generations", json={"prompt": "x", "adapter_id": "a", "adapters": [{"id": "a"}]},
+                               headers=auth())
+        assert response.status_code == 422 and "not both" in response.json()["message"]
+
+
 def test_cancel_of_a_queued_job(client, settings):
     with session_scope(settings.database_url) as session:
         from api.auth import get_or_create_tenant
