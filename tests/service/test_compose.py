@@ -34,12 +34,20 @@ def test_compose_environment_is_shared_and_distributed():
         env = services[name]["environment"]
         assert env["STYLEINJECT_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert env["STYLEINJECT_DATABASE_URL"].split("@")[1].startswith("postgres:")
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "generator"):
         env = services[name]["environment"]
         assert env["STYLEINJECT_BROKER_URL"].startswith("redis://redis:")
         assert env["STYLEINJECT_ARTIFACT_ROOT"] == "/artifacts"
         assert any(str(v).startswith("artifacts:/artifacts") for v in services[name]["volumes"])
     assert "artifacts" in compose["volumes"]
+
+
+def test_training_and_generation_run_in_separate_workers():
+    """A long job never holds the GPU worker that serves /generate."""
+    services = _compose()["services"]
+    train, generate = services["worker"]["command"], services["generator"]["command"]
+    assert train[train.index("--queues") + 1] == "train"
+    assert generate[generate.index("--queues") + 1] == "generate" and generate[generate.index("--pool") + 1] == "threads"
 
 
 def test_worker_reserves_a_gpu_and_api_has_no_torch():
