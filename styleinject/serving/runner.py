@@ -12,6 +12,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from styleinject.serving.request import Active, Request
@@ -65,7 +66,11 @@ class Runner:
             repeat = 2 if active.cfg else 1
             ids.append(active.slot_ids.repeat(repeat, 1))
             weights.append(active.slot_weights.repeat(repeat, 1))
-        # 2. one forward for all of them, each sample with its own adapters (slot ids)
+        # 2. one forward for all of them, each sample with its own adapters (slot ids); requests
+        #    with fewer adapters than the widest one are padded with slot 0 at weight 0
+        width = max(i.shape[1] for i in ids)
+        ids = [F.pad(i, (0, width - i.shape[1])) for i in ids]
+        weights = [F.pad(w, (0, width - w.shape[1])) for w in weights]
         self.table.set_batch(torch.cat(ids), torch.cat(weights))
         try:
             noise = self.pipe.unet(torch.cat(samples), torch.cat(timesteps), encoder_hidden_states=torch.cat(embeds),

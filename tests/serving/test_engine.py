@@ -62,6 +62,10 @@ def _requests(adapters):
         Request("a tree", seed=4, steps=2, width=64, height=64, negative_prompt="blurry",
                 adapters=[AdapterRef(adapters[3], scale=0.6)]),
         Request("a red circle", seed=1, steps=3, width=48, height=48, adapters=[a[0]]),  # another size
+        Request("a blue square", seed=6, steps=3, width=64, height=64,  # two adapters beside one-adapter rows
+                adapters=[a[1], AdapterRef(adapters[2], scale=0.5)]),
+        Request(["a cat", "a dog"], seed=7, steps=2, width=64, height=64, num_images=2,  # one adapter per prompt
+                adapters=[[a[3]], []]),
     ]
 
 
