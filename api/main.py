@@ -7,12 +7,15 @@ name. Uploads are validated in-process with the library's torch-free ``styleinje
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import __version__
@@ -22,6 +25,8 @@ from api.core.settings import Settings, get_settings
 from api.core.storage import make_store
 
 log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"  # dashboard CSS/JS, vendored Swagger UI
 
 DESCRIPTION = """Train and serve StyleInject adapters for Stable Diffusion UNets.
 
@@ -37,6 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="StyleInject",
         version=__version__,
         description=DESCRIPTION,
+        docs_url=None,  # served below from the vendored Swagger UI: /docs works offline
+        redoc_url=None,  # ReDoc would load from a CDN
         openapi_tags=[
             {"name": "datasets", "description": "Upload and inspect training data"},
             {"name": "jobs", "description": "Training and evaluation jobs"},
@@ -51,6 +58,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = make_store(settings)
     for module in (datasets, train, jobs, adapters, generate, generations, evaluate, dashboard, health):
         app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} API",
+            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
