@@ -1,0 +1,330 @@
+// StyleInject dashboard: a little plain JS over the JSON API (no build step, no CDN).
+// The pages authenticate with the dashboard cookie, so fetch() and EventSource need no header.
+"use strict";
+
+const SI = (() => {
+  const $ = (sel, root = document) => root.querySelector(sel);
+  const el = (tag, attrs = {}, ...children) => {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs)) {
+      if (k === "class") node.className = v;
+      else if (k === "text") node.textContent = v;
+      else node.setAttribute(k, v);
+    }
+    for (const c of children) node.append(c);
+    return node;
+  };
+  const fmt = (v, digits = 4) => (v === null || v === undefined ? "–" : Number(v).toPrecision(digits));
+  const svgEl = (tag, attrs) => {
+    const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    return node;
+  };
+
+  async function api(method, url, body) {
+    const init = { method, headers: {} };
+    if (body !== undefined) {
+      init.headers["content-type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    const response = await fetch(url, init);
+    let data = null;
+    try { data = await response.json(); } catch (e) { /* not JSON */ }
+    if (!response.ok) {
+      const message = (data && data.message) || `${response.status} ${response.statusText}`;
+      throw new Error(message);
+    }
+    return data;
+  }
+
+  // -- a small SVG line chart (linear axes, "nice" ticks) -------------------------------------------
+  function niceTicks(lo, hi, count = 5) {
+    if (!(hi > lo)) { const d = Math.abs(lo) * 0.1 || 1; lo -= d; hi += d; }
+    const raw = (hi - lo) / count, mag = Math.pow(10, Math.floor(Math.log10(raw)));
+    const step = [1, 2, 2.5, 5, 10].map(m => m * mag).find(s => s >= raw);
+    const first = Math.floor(lo / step + 1e-9) * step, last = Math.ceil(hi / step - 1e-9) * step, ticks = [];
+    for (let i = 0; first + i * step <= last + step * 1e-9; i++) ticks.push(+(first + i * step).toPrecision(12));
+    return { lo: first, hi: last, ticks };
+  }
+
+  // Exponential moving average, bias-corrected (like TensorBoard's smoothing): a readable trend
+  // over the noisy per-step diffusion loss.
+  function smooth(points, weight = 0.8) {
+    let avg = 0, n = 0;
+    return points.map(([x, y]) => { n++; avg = weight * avg + (1 - weight) * y; return [x, avg / (1 - Math.pow(weight, n))]; });
+  }
+
+  function lineChart(container, points, { color = "#2a6fdb", empty = "no data yet", digits = 3, smoothed = false, xmax = 0 } = {}) {
+    container.replaceChildren();
+    container.dataset.points = points.length;
+    const W = 560, H = 220, L = 58, R = 12, T = 10, B = 28;
+    const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", preserveAspectRatio: "xMidYMid meet" });
+    container.append(svg);
+    if (!points.length) {
+      const t = svgEl("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" });
+      t.textContent = empty;
+      svg.append(t);
+      return;
+    }
+    const xs = points.map(p => p[0]), ys = points.map(p => p[1]);
+    const xa = niceTicks(Math.min(0, ...xs), Math.max(...xs, xmax, 1), 6), ya = niceTicks(Math.min(...ys), Math.max(...ys), 4);
+    const X = x => L + (x - xa.lo) / (xa.hi - xa.lo) * (W - L - R);
+    const Y = y => T + (1 - (y - ya.lo) / (ya.hi - ya.lo)) * (H - T - B);
+    for (const t of ya.ticks) {
+      svg.append(svgEl("line", { x1: L, x2: W - R, y1: Y(t), y2: Y(t), class: "grid" }));
+      const label = svgEl("text", { x: L - 6, y: Y(t) + 4, "text-anchor": "end", class: "tick" });
+      label.textContent = Math.abs(t) < 1e-4 && t !== 0 ? t.toExponential(1) : +t.toPrecision(digits);
+      svg.append(label);
+    }
+    for (const t of xa.ticks) {
+      svg.append(svgEl("line", { x1: X(t), x2: X(t), y1: H - B, y2: H - B + 4, class: "axis" }));
+      const label = svgEl("text", { x: X(t), y: H - B + 17, "text-anchor": "middle", class: "tick" });
+      label.textContent = t;
+      svg.append(label);
+    }
+    svg.append(svgEl("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" }));
+    svg.append(svgEl("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" }));
+    const path = pts => pts.map((p, i) => `${i ? "L" : "M"}${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join("");
+    if (smoothed && points.length > 2) {
+      svg.append(svgEl("path", { d: path(points), fill: "none", stroke: color, "stroke-width": 1, opacity: 0.3, class: "raw" }));
+      svg.append(svgEl("path", { d: path(smooth(points)), fill: "none", stroke: color, "stroke-width": 2, class: "series" }));
+    } else {
+      svg.append(svgEl("path", { d: path(points), fill: "none", stroke: color, "stroke-width": 2, class: "series" }));
+    }
+    const last = points[points.length - 1];
+    svg.append(svgEl("circle", { cx: X(last[0]), cy: Y(last[1]), r: 3.5, fill: color }));
+    const title = svgEl("title", {});
+    title.textContent = `step ${last[0]}: ${last[1]}`;
+    svg.append(title);
+  }
+
+  // -- job page ------------------------------------------------------------------------------------
+  function jobPage(jobId) {
+    const initial = JSON.parse($("#initial").textContent);
+    const loss = [], lr = [];
+    const checkpoints = new Set(initial.job.checkpoints.map(c => c.id));
+    let lastStep = -1;
+
+    const addPoint = p => {
+      if (!p || p.step === null || p.step === undefined || p.step <= lastStep) return false;
+      lastStep = p.step;
+      if (p.loss !== null && p.loss !== undefined) loss.push([p.step, p.loss]);
+      if (p.lr !== null && p.lr !== undefined) lr.push([p.step, p.lr]);
+      return true;
+    };
+    let total = (initial.job.progress && initial.job.progress.total) || initial.job.params.steps || 0;
+    const draw = () => {  // the x axis spans the whole run, so the curve grows from left to right
+      const empty = "waiting for the first progress point";
+      lineChart($("#loss-chart"), loss, { empty, smoothed: true, xmax: total });
+      lineChart($("#lr-chart"), lr, { color: "#c2671b", empty, xmax: total });
+      $("#loss-count").textContent = loss.length ? `(${loss.length} points)` : "";
+    };
+    const log = (html) => {
+      const stamp = new Date().toISOString().slice(0, 19).replace("T", " ");
+      const li = el("li", {}, el("time", { text: stamp }), " ");
+      li.append(html);
+      $("#log").append(li);
+    };
+
+    for (const e of initial.events) if (e.kind === "progress") addPoint(e.data);
+    draw();
+
+    const update = job => {
+      const status = $("#status");
+      if (status.textContent !== job.status) {
+        log(el("span", { class: `status ${job.status}`, text: job.status }));
+        status.textContent = job.status;
+        status.className = `status ${job.status}`;
+      }
+      const p = job.progress;
+      if (p && p.total) {
+        total = p.total;
+        $("#progress-bar").style.width = `${Math.round(100 * p.step / p.total)}%`;
+        $("#progress-text").textContent = `${p.step} / ${p.total}`;
+      }
+      if (p) {
+        $("#loss").textContent = fmt(p.loss);
+        $("#lr").textContent = fmt(p.lr, 3);
+        $("#speed").textContent = p.samples_per_s == null ? "–" : `${fmt(p.samples_per_s, 3)} samples/s`;
+        $("#eta").textContent = p.eta_s == null || job.status !== "running" ? "–" : `${Math.round(p.eta_s)} s`;
+        if (addPoint(p)) draw();
+      }
+      if (job.status !== "queued") $("#queue").textContent = "–";
+      if (job.started_at) $("#started").textContent = job.started_at.slice(0, 19).replace("T", " ") + " UTC";
+      if (job.finished_at) $("#finished").textContent = job.finished_at.slice(0, 19).replace("T", " ") + " UTC";
+      const error = $("#error");
+      if (job.error) { error.textContent = job.error; error.hidden = false; }
+      const body = $("#checkpoints");
+      for (const c of job.checkpoints) {
+        if (checkpoints.has(c.id)) continue;
+        checkpoints.add(c.id);
+        const empty = $("tr.empty", body);
+        if (empty) empty.remove();
+        body.append(el("tr", {}, el("td", { text: c.step }),
+          el("td", { class: "nowrap", text: c.created_at.slice(0, 19).replace("T", " ") }),
+          el("td", {}, el("code", { text: c.id }))));
+        log(document.createTextNode(`checkpoint at step ${c.step}`));
+      }
+      if (job.adapter_id) {
+        const a = el("a", { href: `/dashboard/playground?adapter=${job.adapter_id}` }, el("code", { text: job.adapter_id }));
+        $("#adapter").replaceChildren(a);
+      }
+      if (!["queued", "running"].includes(job.status) || job.cancel_requested) $("#cancel").hidden = true;
+    };
+
+    $("#cancel").addEventListener("click", async () => {
+      $("#cancel").disabled = true;
+      try { update(await api("POST", `/jobs/${jobId}/cancel`)); }
+      catch (err) { alert(err.message); $("#cancel").disabled = false; }
+    });
+
+    if (["queued", "running"].includes(initial.job.status)) {
+      const source = new EventSource(`/jobs/${jobId}/events`);
+      source.addEventListener("progress", ev => update(JSON.parse(ev.data)));
+      source.addEventListener("end", ev => { update(JSON.parse(ev.data)); source.close(); });
+      source.onerror = () => { $("#status").title = "live updates interrupted; reconnecting"; };
+    }
+  }
+
+  // -- playground ----------------------------------------------------------------------------------
+  function playgroundPage() {
+    const form = $("#playground");
+    const results = $("#results");
+    const status = $("#pg-status");
+
+    const chosen = () => [...form.querySelectorAll(".adapter-row")]
+      .filter(row => $("input[type=checkbox]", row).checked)
+      .map(row => ({ id: row.dataset.id, name: row.dataset.name, scale: parseFloat($("input[type=number]", row).value || "1") }));
+    const params = () => {
+      const data = new FormData(form), body = { prompt: data.get("prompt") };
+      if (data.get("negative_prompt")) body.negative_prompt = data.get("negative_prompt");
+      for (const name of ["seed", "steps", "width", "height", "num_images"]) {
+        if (data.get(name) !== "") body[name] = parseInt(data.get(name), 10);
+      }
+      if (data.get("guidance_scale") !== "") body.guidance_scale = parseFloat(data.get("guidance_scale"));
+      if (body.width && !body.height) body.height = body.width;
+      return body;
+    };
+    const card = (title, subtitle) => {
+      const images = el("div", { class: "images" }, el("span", { class: "muted", text: "queued…" }));
+      const node = el("figure", { class: "result" }, images,
+        el("figcaption", {}, el("strong", { text: title }), el("br"), el("span", { class: "muted", text: subtitle })));
+      results.append(node);
+      return images;
+    };
+    const describe = list => list.length ? list.map(a => `${a.name} × ${a.scale}`).join(" + ") : "base model, no adapter";
+    const busy = on => form.querySelectorAll("button").forEach(b => { b.disabled = on; });
+
+    form.addEventListener("submit", async ev => {
+      ev.preventDefault();
+      const body = params(), adapters = chosen();
+      if (adapters.length) body.adapters = adapters.map(a => ({ id: a.id, scale: a.scale }));
+      results.replaceChildren();
+      const images = card(describe(adapters), `seed ${body.seed ?? "random"}`);
+      images.replaceChildren(el("span", { class: "muted", text: "generating…" }));
+      busy(true); status.textContent = "";
+      const started = performance.now();
+      try {
+        const out = await api("POST", "/generate", body);
+        images.replaceChildren(...out.images.map((b64, i) =>
+          el("img", { src: `data:image/png;base64,${b64}`, alt: `image ${i + 1}`, width: out.width, height: out.height })));
+        images.parentElement.querySelector(".muted").textContent =
+          `seed ${out.seed} · ${out.width}×${out.height} · ${out.steps} steps · ${((performance.now() - started) / 1000).toFixed(1)} s`;
+      } catch (err) {
+        images.replaceChildren(el("div", { class: "error", text: err.message }));
+      } finally { busy(false); }
+    });
+
+    // Compare: the same prompt and seed once per adapter (and the base model), side by side.
+    // One POST /generations each; the engine batches them together.
+    $("#compare").addEventListener("click", async () => {
+      if (!form.reportValidity()) return;
+      const body = params(), adapters = chosen();
+      if (body.seed === undefined) body.seed = Math.floor(Math.random() * 1e9);
+      const variants = [];
+      if ($("#compare-base").checked) variants.push([]);
+      for (const a of adapters) variants.push([a]);
+      if (!variants.length) { status.textContent = "Choose at least one adapter (or keep the base model)."; return; }
+      status.textContent = `comparing ${variants.length} variant(s), seed ${body.seed}`;
+      results.replaceChildren();
+      busy(true);
+      await Promise.all(variants.map(async variant => {
+        const images = card(describe(variant), `seed ${body.seed}`);
+        const request = { ...body, num_images: 1 };
+        if (variant.length) request.adapters = variant.map(a => ({ id: a.id, scale: a.scale }));
+        try {
+          const queued = await api("POST", "/generations", request);
+          const final = await follow(queued, images);
+          if (final.status !== "succeeded") throw new Error(final.error || `generation ${final.status}`);
+          images.replaceChildren(...final.images.map((url, i) => el("img", { src: url, alt: `${describe(variant)} ${i + 1}` })));
+        } catch (err) {
+          images.replaceChildren(el("div", { class: "error", text: err.message }));
+        }
+      }));
+      busy(false);
+    });
+
+    function follow(generation, images) {
+      return new Promise(resolve => {
+        const source = new EventSource(`/generations/${generation.id}/events`);
+        const show = g => {
+          const p = g.progress;
+          images.replaceChildren(el("span", { class: "muted", text:
+            g.status === "queued" ? `queued${g.queue_position != null ? ` (${g.queue_position} ahead)` : ""}…`
+              : p && p.total ? `step ${p.step} / ${p.total}` : `${g.status}…` }));
+        };
+        source.addEventListener("status", ev => show(JSON.parse(ev.data)));
+        source.addEventListener("end", ev => { source.close(); resolve(JSON.parse(ev.data)); });
+        source.onerror = async () => {  // stream broken: fall back to one read
+          source.close();
+          try { resolve(await api("GET", `/generations/${generation.id}`)); }
+          catch (err) { resolve({ status: "failed", error: err.message }); }
+        };
+      });
+    }
+  }
+
+  // -- datasets: upload with progress ---------------------------------------------------------------
+  function datasetsPage() {
+    const form = $("#upload");
+    const bar = $("#upload-bar"), text = $("#upload-text");
+    form.addEventListener("submit", ev => {
+      ev.preventDefault();
+      const file = form.file.files[0];
+      if (!file) { text.textContent = "Choose a file first."; return; }
+      const params = new URLSearchParams({ kind: form.kind.value, skip_bad: form.skip_bad.checked });
+      const data = new FormData();
+      data.append("file", file);
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", `/datasets?${params}`);
+      $("#upload-progress").hidden = false;
+      form.querySelector("button").disabled = true;
+      xhr.upload.onprogress = e => {
+        if (!e.lengthComputable) return;
+        const pct = Math.round(100 * e.loaded / e.total);
+        bar.style.width = `${pct}%`;
+        text.textContent = pct < 100 ? `uploading ${pct}%` : "validating…";
+      };
+      xhr.onload = () => {
+        form.querySelector("button").disabled = false;
+        let out = null;
+        try { out = JSON.parse(xhr.responseText); } catch (e) { /* not JSON */ }
+        if (xhr.status === 201) {
+          bar.style.width = "100%";
+          text.textContent = `dataset ${out.id}: ${out.num_items} items, ready`;
+          setTimeout(() => location.reload(), 600);
+        } else {
+          text.textContent = "";
+          const error = $("#upload-error");
+          error.textContent = (out && out.message) || `upload failed (${xhr.status})`;
+          error.hidden = false;
+        }
+      };
+      xhr.onerror = () => { form.querySelector("button").disabled = false; text.textContent = "network error"; };
+      $("#upload-error").hidden = true;
+      xhr.send(data);
+    });
+  }
+
+  return { api, lineChart, jobPage, playgroundPage, datasetsPage };
+})();
