@@ -55,7 +55,8 @@ class Engines:
                     pipe = load_pipeline(base_model)
                     pipe.set_progress_bar_config(disable=True)
                     self._engine = engine_for(pipe, max_batch=settings.engine_max_batch, slots=settings.engine_slots + 1,
-                                              host_bytes=settings.engine_host_bytes)
+                                              host_bytes=settings.engine_host_bytes,
+                                              compile_backend=settings.engine_compile or None)
                     self._base = base_model
                     return self._engine
             time.sleep(0.2)

@@ -46,12 +46,15 @@ class Settings(BaseSettings):
     max_num_images: int = 4
     max_inference_steps: int = 150
     max_train_steps: int = 100_000
+    max_json_bytes: int = 1024**2  # any request body but the streamed dataset upload (413 above)
+    max_json_depth: int = 32  # nesting of a JSON body (422 deeper)
 
     # Serving (the generate worker's engine; docs/service.md "The serving engine").
     engine_max_batch: int = 32  # UNet rows per forward (a request with guidance counts 2 per image)
     engine_slots: int = 16  # device tier: adapters resident in the engine's slot table (+ the base model)
     engine_host_bytes: int = 2 * 1024**3  # host tier: adapter tensors kept in memory (LRU)
     generate_concurrency: int = 64  # generate tasks one worker holds at once (all batched by its engine)
+    engine_compile: str = ""  # a torch.compile backend for the engine's UNet ("inductor" on a GPU); "" = eager
     max_adapters_per_request: int = 4
     # Per tenant: requests queued or running, and their summed cost (steps x width x height x images).
     # The default cost cap admits two of the largest requests the limits above allow.

@@ -48,12 +48,12 @@ class EngineStats:
 
 class Engine:
     def __init__(self, pipe, *, max_batch: int = 32, slots: int = 16, host_bytes: int = 2 << 30,
-                 autostart: bool = True) -> None:
+                 compile_backend: str | None = None, autostart: bool = True) -> None:
         self.pipe = pipe
         self.table = SlotTable(pipe.unet, num_slots=slots)
         self.host = HostCache(host_bytes)
         self.scheduler = Scheduler(max_batch)
-        self.runner = Runner(pipe, self.table)
+        self.runner = Runner(pipe, self.table, compile_backend)
         self.counters = EngineStats()
         # held while the model runs a step; a caller that runs the pipeline directly (a named
         # adapter) takes it too, so the two never interleave inside a forward

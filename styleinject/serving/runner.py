@@ -20,11 +20,13 @@ from styleinject.serving.slots import SlotTable
 
 
 class Runner:
-    def __init__(self, pipe, table: SlotTable) -> None:
+    def __init__(self, pipe, table: SlotTable, compile_backend: str | None = None) -> None:
         from diffusers import EulerAncestralDiscreteScheduler
 
         self.pipe = pipe
         self.table = table
+        # torch.compile the UNet ("inductor" on a GPU; "aot_eager" checks the graph logic on a CPU)
+        self.compiled = torch.compile(pipe.unet, backend=compile_backend, dynamic=False) if compile_backend else None
         self.scheduler_config = pipe.scheduler.config
         self._scheduler_cls = EulerAncestralDiscreteScheduler
         self.device = pipe.unet.device
@@ -71,12 +73,8 @@ class Runner:
         width = max(i.shape[1] for i in ids)
         ids = [F.pad(i, (0, width - i.shape[1])) for i in ids]
         weights = [F.pad(w, (0, width - w.shape[1])) for w in weights]
-        self.table.set_batch(torch.cat(ids), torch.cat(weights))
-        try:
-            noise = self.pipe.unet(torch.cat(samples), torch.cat(timesteps), encoder_hidden_states=torch.cat(embeds),
-                                   return_dict=False)[0]
-        finally:
-            self.table.set_batch(None)
+        noise = self._forward(torch.cat(samples), torch.cat(timesteps), torch.cat(embeds), torch.cat(ids),
+                              torch.cat(weights))
         # 3. per request: guidance, then the Euler Ancestral update with its own generator
         start = 0
         for active in batch:
@@ -87,6 +85,27 @@ class Runner:
                 out = uncond + active.guidance_scale * (text - uncond)
             active.latents = self._euler_ancestral(active, out)
             active.index += 1
+
+    def _forward(self, sample, timestep, embeds, ids, weights) -> torch.Tensor:
+        """The UNet on the batch. Compiled, the batch is padded to the next power of two (rows of
+        the zero adapter, discarded), so a compiled UNet sees a few shapes only; adapter swaps and
+        mixes change no shape, so they never recompile."""
+        rows = sample.shape[0]
+        unet = self.pipe.unet
+        if self.compiled is not None:
+            unet = self.compiled
+            pad = (1 << (rows - 1).bit_length()) - rows
+            if pad:
+                sample = torch.cat([sample, sample[-1:].expand(pad, *sample.shape[1:])])
+                timestep = torch.cat([timestep, timestep[-1:].expand(pad)])
+                embeds = torch.cat([embeds, embeds[-1:].expand(pad, *embeds.shape[1:])])
+                ids = torch.cat([ids, ids.new_zeros(pad, ids.shape[1])])
+                weights = torch.cat([weights, weights.new_zeros(pad, weights.shape[1])])
+        self.table.set_batch(ids, weights)
+        try:
+            return unet(sample, timestep, encoder_hidden_states=embeds, return_dict=False)[0][:rows]
+        finally:
+            self.table.set_batch(None)
 
     def _euler_ancestral(self, active: Active, model_output: torch.Tensor) -> torch.Tensor:
         sigma_from = active.sigmas[active.index]

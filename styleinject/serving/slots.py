@@ -246,6 +246,9 @@ class SlotTable:
     def _attach(self, name: str, layer: StyleInjectLayer) -> LayerSlots:
         slots = self._layers.get(name)
         if slots is None:
+            if layer.si_slots is not None:
+                raise RuntimeError("this model already serves from another slot table: one engine per "
+                                   "pipeline (styleinject.serving.engine_for(pipe) returns the pipeline's engine)")
             slots = LayerSlots(layer.base_layer, self.batch, self.num_slots)
             layer.si_slots = slots
             self._layers[name] = slots

@@ -18,9 +18,15 @@ def _px(images):
     return np.stack([np.asarray(im, dtype=np.int16) for im in images])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def pipe(tiny_pipeline_path):
     return load_pipeline(tiny_pipeline_path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pipeline_path):
+    """An engine on a pipeline of its own that runs each request alone (one at a time)."""
+    return Engine(load_pipeline(tiny_pipeline_path, device="cpu"), autostart=False)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +50,7 @@ def adapters(tiny_pipeline_path, tmp_path_factory):
     return folders
 
 
-def _alone(pipe, request: Request):
-    engine = Engine(pipe, autostart=False)
+def _alone(engine: Engine, request: Request):
     future = engine.submit(request)
     while engine.step():
         pass
@@ -69,9 +74,9 @@ def _requests(adapters):
     ]
 
 
-def test_batched_requests_equal_themselves_alone_and_never_leak(pipe, adapters):
+def test_batched_requests_equal_themselves_alone_and_never_leak(pipe, adapters, reference):
     requests = _requests(adapters)
-    alone = [_alone(pipe, r) for r in requests]
+    alone = [_alone(reference, r) for r in requests]
     engine = Engine(pipe, autostart=False)
     futures = [engine.submit(r) for r in requests[:4]]
     engine.step()  # four requests admitted into one batch ...
@@ -90,13 +95,13 @@ def test_batched_requests_equal_themselves_alone_and_never_leak(pipe, adapters):
     assert stats["device_resident"] == 4
 
 
-def test_several_adapters_in_one_request(pipe, adapters):
+def test_several_adapters_in_one_request(pipe, adapters, reference):
     one, two = AdapterRef(adapters[0]), AdapterRef(adapters[1])
     kw = dict(seed=5, steps=3, width=64, height=64)
-    only_one = _alone(pipe, Request("a cat", adapters=[one], **kw))
-    with_zero = _alone(pipe, Request("a cat", adapters=[one, AdapterRef(adapters[1], scale=0.0)], **kw))
-    both = _alone(pipe, Request("a cat", adapters=[one, two], **kw))
-    only_two = _alone(pipe, Request("a cat", adapters=[two], **kw))
+    only_one = _alone(reference, Request("a cat", adapters=[one], **kw))
+    with_zero = _alone(reference, Request("a cat", adapters=[one, AdapterRef(adapters[1], scale=0.0)], **kw))
+    both = _alone(reference, Request("a cat", adapters=[one, two], **kw))
+    only_two = _alone(reference, Request("a cat", adapters=[two], **kw))
     assert np.abs(with_zero - only_one).max() <= TOLERANCE
     assert np.abs(both - only_one).max() > 10 and np.abs(both - only_two).max() > 10
 
@@ -123,7 +128,7 @@ def test_requests_wait_for_a_free_slot_and_bad_adapters_fail_alone(pipe, adapter
         engine.submit(Request("x", seed=0, steps=2, width=60, height=64))
 
 
-def test_background_loop_serves_concurrent_callers(pipe, adapters):
+def test_background_loop_serves_concurrent_callers(pipe, adapters, reference):
     import threading
 
     engine = Engine(pipe, max_batch=8)
@@ -141,4 +146,32 @@ def test_background_loop_serves_concurrent_callers(pipe, adapters):
         t.join(60)
     engine.stop()
     for i, request in enumerate(requests):
-        assert np.abs(results[i] - _alone(pipe, request)).max() <= TOLERANCE
+        assert np.abs(results[i] - _alone(reference, request)).max() <= TOLERANCE
+
+
+def test_compiled_engine_compiles_once_per_batch_bucket_and_never_for_adapters(pipe, adapters, reference):
+    """torch.compile (aot_eager on a CPU): batches are padded to powers of two, so 2 to 6 UNet rows
+    make at most 3 graphs, and swapping or mixing adapters adds none."""
+    from torch._dynamo.utils import counters
+
+    from styleinject import StyleInjectConfig
+
+    kw = dict(steps=2, width=64, height=64)
+    rounds = [[adapters[0]], [adapters[1], None], [adapters[2], adapters[0], None], [None], [adapters[3]]]
+    rounds = [[Request("a cat", seed=i, adapters=[] if a is None else [AdapterRef(a)], **kw)
+               for i, a in enumerate(round_)] for round_ in rounds]
+    want = [[_alone(reference, r) for r in round_] for round_ in rounds]
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(pipe, slots=3, compile_backend="aot_eager", autostart=False)
+    for folder in adapters:  # size the slot table first (the one allowed shape change)
+        engine.table.prepare(StyleInjectConfig.load(folder))
+    for round_, expected in zip(rounds, want):
+        futures = [engine.submit(r) for r in round_]
+        while engine.step():
+            pass
+        for future, image in zip(futures, expected):
+            assert np.abs(_px(future.result()) - image).max() <= TOLERANCE
+    assert engine.stats()["device_evictions"] >= 1  # adapters really were swapped
+    buckets = {1 << (2 * len(r) - 1).bit_length() for r in rounds}  # guidance doubles the rows
+    assert counters["stats"]["unique_graphs"] == len(buckets), dict(counters["stats"])
