@@ -8,7 +8,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from api.core.db.models import DATASET_STATUSES, GENERATION_STATUSES, JOB_EVENT_KINDS, JOB_KINDS, JOB_STATUSES
+from styleinject.adapters.config import StyleInjectConfig
 from styleinject.names import MIXED_PRECISIONS, SCORER_NAMES, TRAIN_KINDS
+from styleinject.train.config import TrainConfig, field_default
 
 # Each list of names has one home (the library's styleinject.names, the core's db models); the
 # schemas only turn them into Literal types.
@@ -20,6 +22,14 @@ JobEventKind = Literal[JOB_EVENT_KINDS]
 MixedPrecision = Literal[MIXED_PRECISIONS]
 ScorerName = Literal[SCORER_NAMES]
 GenerationStatus = Literal[GENERATION_STATUSES]
+
+
+def _train_default(name: str):
+    return field_default(TrainConfig, name)
+
+
+def _adapter_default(name: str):
+    return field_default(StyleInjectConfig, name)
 
 
 class ErrorOut(BaseModel):
@@ -50,24 +60,25 @@ class DatasetOut(_Out):
 # -- training and jobs ----------------------------------------------------------------------------
 
 class AdapterSpec(BaseModel):
-    """StyleInjectConfig fields; unset ones take the library defaults (r 32, n 16, to_q + to_v)."""
+    """StyleInjectConfig fields; the defaults are the library's (the paper's r 32, n 16, DMA + STA on
+    to_q, plain low rank on to_v; alpha and conv_rank null: equal to rank)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    rank: int | None = Field(None, ge=1, le=1024)
-    num_styles: int | None = Field(None, ge=1, le=256)
-    alpha: float | None = Field(None, gt=0)
-    target_modules: list[str] | None = None
-    style_modules: list[str] | None = None
-    conv_target_modules: list[str] | None = None
-    conv_rank: int | None = Field(None, ge=1, le=1024)
-    dma: bool | None = None
-    sta: bool | None = None
-    dropout: float | None = Field(None, ge=0, lt=1)
+    rank: int | None = Field(_adapter_default("rank"), ge=1, le=1024)
+    num_styles: int | None = Field(_adapter_default("num_styles"), ge=1, le=256)
+    alpha: float | None = Field(_adapter_default("alpha"), gt=0)
+    target_modules: list[str] | None = Field(default_factory=lambda: _adapter_default("target_modules"))
+    style_modules: list[str] | None = Field(default_factory=lambda: _adapter_default("style_modules"))
+    conv_target_modules: list[str] | None = Field(default_factory=lambda: _adapter_default("conv_target_modules"))
+    conv_rank: int | None = Field(_adapter_default("conv_rank"), ge=1, le=1024)
+    dma: bool | None = _adapter_default("dma")
+    sta: bool | None = _adapter_default("sta")
+    dropout: float | None = Field(_adapter_default("dropout"), ge=0, lt=1)
 
 
 class TrainRequest(BaseModel):
-    """A training job. Unset fields take the training engine's defaults (TrainConfig)."""
+    """A training job. Defaults are the training engine's (TrainConfig); null takes them too."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -76,22 +87,24 @@ class TrainRequest(BaseModel):
     name: str | None = Field(None, max_length=255, description="Adapter name (default: job id)")
     base_model: str | None = Field(None, description="Hub id or local path; default: the server's")
     teacher_model: str | None = Field(None, description="distill only: the teacher checkpoint")
-    steps: int = Field(1000, ge=1)
-    resolution: int | None = Field(None, ge=8, le=2048, multiple_of=8,
+    steps: int = Field(_train_default("steps"), ge=1)
+    resolution: int | None = Field(_train_default("resolution"), ge=8, le=2048, multiple_of=8,
                                    description="Training image side; default: the base model's native size")
-    batch_size: int | None = Field(None, ge=1, le=256)
-    gradient_accumulation_steps: int | None = Field(None, ge=1, le=1024)
-    learning_rate: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0)
-    mixed_precision: MixedPrecision | None = None
-    gradient_checkpointing: bool | None = None
-    checkpoint_every: int | None = Field(None, ge=1)
-    keep_checkpoints: int | None = Field(None, ge=1, le=100)
-    validation_every: int | None = Field(None, ge=0)
-    validation_prompts: list[str] | None = None
-    instance_prompt: str | None = Field(None, description="dreambooth: the identifier prompt")
-    class_prompt: str | None = Field(None, description="dreambooth: prior-preservation prompt")
-    adapter: AdapterSpec | None = None
+    batch_size: int | None = Field(_train_default("batch_size"), ge=1, le=256)
+    gradient_accumulation_steps: int | None = Field(_train_default("gradient_accumulation_steps"), ge=1, le=1024)
+    learning_rate: float | None = Field(_train_default("learning_rate"), gt=0, le=1)
+    seed: int | None = Field(_train_default("seed"), ge=0)
+    mixed_precision: MixedPrecision | None = _train_default("mixed_precision")
+    gradient_checkpointing: bool | None = _train_default("gradient_checkpointing")
+    checkpoint_every: int | None = Field(_train_default("checkpoint_every"), ge=1)
+    keep_checkpoints: int | None = Field(_train_default("keep_checkpoints"), ge=1, le=100)
+    validation_every: int | None = Field(_train_default("validation_every"), ge=0)
+    validation_prompts: list[str] | None = Field(default_factory=lambda: _train_default("validation_prompts"))
+    instance_prompt: str | None = Field(_train_default("instance_prompt"),
+                                        description="dreambooth: the identifier prompt")
+    class_prompt: str | None = Field(_train_default("class_prompt"),
+                                     description="dreambooth: prior-preservation prompt")
+    adapter: AdapterSpec | None = Field(None, description="Default: the library's StyleInjectConfig")
 
 
 class ProgressOut(BaseModel):
@@ -101,6 +114,9 @@ class ProgressOut(BaseModel):
     lr: float | None = None
     samples_per_s: float | None = None
     eta_s: float | None = None
+    terms: dict[str, float | None] = Field({}, description="Per-term losses of a multi-term loss (distill: "
+                                           "loss_out_kd, loss_feat_kd; dreambooth with a class prompt: "
+                                           "loss_instance, loss_prior); empty for a single-term loss")
 
 
 class CheckpointOut(_Out):
@@ -140,7 +156,7 @@ class JobEventOut(_Out):
     status: str | None = Field(None, description="status events: the new status; progress: running")
     data: dict[str, Any] | None = Field(
         None, description="status: {from (null when created), error?, worker_id?, attempt?}; progress: {step, total, loss, lr, "
-        "samples_per_s, eta_s, ...}; checkpoint: {step, name}; score: {metric, value}")
+        "samples_per_s, eta_s, terms}; checkpoint: {step, name}; score: {metric, value}")
 
 
 class JobHistoryOut(BaseModel):

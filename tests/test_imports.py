@@ -19,3 +19,12 @@ def test_the_api_process_never_loads_the_worker_package(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_api_schemas_take_library_defaults_without_torch():
+    """The schemas read TrainConfig / StyleInjectConfig defaults; those config modules load no torch."""
+    code = ("import sys, api.schemas; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -111,7 +111,8 @@ def _claim(task, settings, job_id: str) -> JobLease | None:
 def _progress_dict(p) -> dict[str, Any]:
     if dataclasses.is_dataclass(p):
         return dataclasses.asdict(p)
-    return {k: getattr(p, k) for k in ("step", "total", "loss", "lr", "samples_per_s", "eta_s") if hasattr(p, k)}
+    keys = ("step", "total", "loss", "lr", "samples_per_s", "eta_s", "terms")
+    return {k: getattr(p, k) for k in keys if hasattr(p, k)}
 
 
 @celery_app.task(name=TASK_TRAIN, bind=True, soft_time_limit=_limits.job_soft_time_limit_s,

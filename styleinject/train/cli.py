@@ -1,9 +1,9 @@
 """``styleinject finetune|distill|dreambooth``: the training commands.
 
 Only argparse and the light ``styleinject.errors`` / ``styleinject.names`` are imported at module
-level so ``styleinject --help`` stays fast; the defaults below
-mirror StyleInjectConfig and TrainConfig (the paper's: r=32, n=16, alpha=r, DMA+STA on to_q and
-plain low rank on to_v, AdamW at a constant 1e-4).
+level so ``styleinject --help`` stays fast; the option defaults are read from TrainConfig and
+StyleInjectConfig (the paper's: r=32, n=16, alpha=r, DMA+STA on to_q and plain low rank on to_v,
+AdamW at a constant 1e-4) when a parser is built, never retyped.
 """
 
 from __future__ import annotations
@@ -43,7 +43,16 @@ def add_commands(subparsers) -> None:
 
 def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     # Each option's dest is the TrainConfig / StyleInjectConfig field it sets, so field_flags()
-    # maps library error fields to these flags without a hand-kept table.
+    # maps library error fields to these flags without a hand-kept table; defaults come from there too.
+    from styleinject.adapters.config import StyleInjectConfig
+    from styleinject.train.config import TrainConfig, field_default
+
+    def train(name):
+        return field_default(TrainConfig, name)
+
+    def adapter(name):
+        return field_default(StyleInjectConfig, name)
+
     io = p.add_argument_group("input and output")
     io.add_argument("--base-model", required=True, help="student base model: diffusers folder or hub id")
     io.add_argument("--data", required=True, help=_DATA_HELP[kind])
@@ -52,48 +61,53 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     io.add_argument("--skip-bad", action="store_true", help="skip (and count) bad items instead of stopping")
 
     tr = p.add_argument_group("training")
-    tr.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (a resumed run "
+    tr.add_argument("--steps", type=int, default=train("steps"), help="optimizer steps in total (a resumed run "
                     "continues up to this number)")
-    tr.add_argument("--resolution", type=int, default=None, help="training image side (resize + crop); "
+    tr.add_argument("--resolution", type=int, default=train("resolution"), help="training image side (resize + crop); "
                     "default: the base model's native size (512 for SD 1.5, 32 for the toy model)")
     tr.add_argument("--random-crop", action="store_true", help="random instead of centre crop")
     tr.add_argument("--random-flip", action="store_true", help="mirror half of the images")
-    tr.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and noise")
-    tr.add_argument("--batch-size", type=int, default=1, help="samples per device per micro-step")
-    tr.add_argument("--grad-accum", type=int, default=1, dest="gradient_accumulation_steps", metavar="GRAD_ACCUM",
-                    help="micro-steps per optimizer step")
-    tr.add_argument("--lr", type=float, default=1e-4, dest="learning_rate", metavar="LR",
+    tr.add_argument("--seed", type=int, default=train("seed"), help="seed for initialisation, data order and noise")
+    tr.add_argument("--batch-size", type=int, default=train("batch_size"), help="samples per device per micro-step")
+    tr.add_argument("--grad-accum", type=int, default=train("gradient_accumulation_steps"),
+                    dest="gradient_accumulation_steps", metavar="GRAD_ACCUM", help="micro-steps per optimizer step")
+    tr.add_argument("--lr", type=float, default=train("learning_rate"), dest="learning_rate", metavar="LR",
                     help="AdamW learning rate (constant)")
-    tr.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps before the constant lr")
-    tr.add_argument("--snr-gamma", type=float, default=None, help="min-SNR loss weighting gamma (e.g. 5); "
-                    "off by default" + ("" if kind != "distill" else " (not used by distill)"))
-    tr.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default="no",
+    tr.add_argument("--lr-warmup-steps", type=int, default=train("lr_warmup_steps"),
+                    help="linear warm-up steps before the constant lr")
+    tr.add_argument("--snr-gamma", type=float, default=train("snr_gamma"),
+                    help="min-SNR loss weighting gamma (e.g. 5); off by default"
+                    + ("" if kind != "distill" else " (not used by distill)"))
+    tr.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default=train("mixed_precision"),
                     help="autocast precision; adapter weights stay fp32")
     tr.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
-    tr.add_argument("--checkpoint-every", type=int, default=500, help="save a checkpoint every N steps (0: "
-                    "only at the end)")
-    tr.add_argument("--keep-checkpoints", type=int, default=3, help="keep the newest K checkpoints (0: all)")
-    tr.add_argument("--resume", default=None, metavar="latest|CHECKPOINT",
+    tr.add_argument("--checkpoint-every", type=int, default=train("checkpoint_every"),
+                    help="save a checkpoint every N steps (0: only at the end)")
+    tr.add_argument("--keep-checkpoints", type=int, default=train("keep_checkpoints"),
+                    help="keep the newest K checkpoints (0: all)")
+    tr.add_argument("--resume", default=train("resume"), metavar="latest|CHECKPOINT",
                     help="continue from the newest checkpoint in --output (exact: same data order, RNG "
                          "and optimizer state)")
-    tr.add_argument("--validation-every", type=int, default=0, help="sample the validation prompts every "
-                    "N steps into OUTPUT/validation/ (0: off)")
-    tr.add_argument("--validation-prompt", action="append", default=[], metavar="PROMPT", dest="validation_prompts",
-                    help="a validation prompt (repeat the flag for several)")
-    tr.add_argument("--sample-steps", type=int, default=30, help="Euler Ancestral steps for validation"
+    tr.add_argument("--validation-every", type=int, default=train("validation_every"),
+                    help="sample the validation prompts every N steps into OUTPUT/validation/ (0: off)")
+    tr.add_argument("--validation-prompt", action="append", default=train("validation_prompts"), metavar="PROMPT",
+                    dest="validation_prompts", help="a validation prompt (repeat the flag for several)")
+    tr.add_argument("--sample-steps", type=int, default=train("sample_steps"),
+                    help="Euler Ancestral steps for validation"
                     + {"distill": ", teacher samples", "dreambooth": ", class images"}.get(kind, "") + " images")
 
     ad = p.add_argument_group("adapter")
     ad.add_argument("--lora", action="store_true", help="train the plain LoRA baseline (n=1, no router, no STA)")
-    ad.add_argument("--rank", type=int, default=32, help="r: rank of every low-rank update")
-    ad.add_argument("--num-styles", type=int, default=16, help="n: style down-projections mixed by the router")
-    ad.add_argument("--alpha", type=float, default=None, help="scale numerator, update = alpha/r * B A x "
+    ad.add_argument("--rank", type=int, default=adapter("rank"), help="r: rank of every low-rank update")
+    ad.add_argument("--num-styles", type=int, default=adapter("num_styles"),
+                    help="n: style down-projections mixed by the router")
+    ad.add_argument("--alpha", type=float, default=adapter("alpha"), help="scale numerator, update = alpha/r * B A x "
                     "(default: equal to --rank)")
-    ad.add_argument("--targets", nargs="+", default=["to_q", "to_v"], metavar="NAME", dest="target_modules",
+    ad.add_argument("--targets", nargs="+", default=adapter("target_modules"), metavar="NAME", dest="target_modules",
                     help="Linear layers that get an adapter (name suffix or regex)")
-    ad.add_argument("--style-targets", nargs="*", default=["to_q"], metavar="NAME", dest="style_modules",
-                    help="of those, the layers that get DMA + STA (the rest: plain low rank)")
-    conv_default = ["conv1", "conv2"] if kind == "distill" else []
+    ad.add_argument("--style-targets", nargs="*", default=adapter("style_modules"), metavar="NAME",
+                    dest="style_modules", help="of those, the layers that get DMA + STA (the rest: plain low rank)")
+    conv_default = ["conv1", "conv2"] if kind == "distill" else adapter("conv_target_modules")
     ad.add_argument("--conv-targets", nargs="*", default=conv_default, metavar="NAME", dest="conv_target_modules",
                     help="Conv2d layers that get a low-rank adapter (e.g. conv1 conv2: the resnets)")
     ad.add_argument("--no-dma", action="store_true", help="ablation: no dynamic multi-style mixing (n=1)")
@@ -102,21 +116,24 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     if kind == "distill":
         ds = p.add_argument_group("distillation")
         ds.add_argument("--teacher-model", required=True, help="teacher pipeline: diffusers folder or hub id")
-        ds.add_argument("--feat-kd-weight", type=float, default=1.0, help="lambda of L_FeatKD (shared text encoder)")
-        ds.add_argument("--feat-kd-blocks", nargs="+", default=["down_blocks.1", "mid_block", "up_blocks.0"],
+        ds.add_argument("--feat-kd-weight", type=float, default=train("feat_kd_weight"),
+                        help="lambda of L_FeatKD (shared text encoder)")
+        ds.add_argument("--feat-kd-blocks", nargs="+", default=train("feat_kd_blocks"),
                         metavar="BLOCK", help="UNet blocks whose outputs L_FeatKD matches")
-        ds.add_argument("--distill-text", choices=DISTILL_TEXT_MODES, default="auto",
+        ds.add_argument("--distill-text", choices=DISTILL_TEXT_MODES, default=train("distill_text"),
                         help="shared: both UNets get 'text' (OutKD + FeatKD); unshared: the teacher gets "
                              "'teacher_text' (OutKD only); auto: unshared iff the data has teacher_text")
     if kind == "dreambooth":
         db = p.add_argument_group("dreambooth")
         db.add_argument("--instance-prompt", required=True, help="identifier prompt, e.g. 'a photo of sks dog'")
-        db.add_argument("--class-prompt", default=None, help="class prompt, e.g. 'a photo of a dog'; "
+        db.add_argument("--class-prompt", default=train("class_prompt"), help="class prompt, e.g. 'a photo of a dog'; "
                         "enables prior preservation")
-        db.add_argument("--class-data", default=None, help="class images (folder/archive); missing ones are "
-                        "generated by the base model into OUTPUT/class_images/")
-        db.add_argument("--num-class-images", type=int, default=100, help="class images to use")
-        db.add_argument("--prior-loss-weight", type=float, default=1.0, help="weight of the prior loss")
+        db.add_argument("--class-data", default=train("class_data"),
+                        help="class images (folder/archive); missing ones are generated by the base "
+                             "model into OUTPUT/class_images/")
+        db.add_argument("--num-class-images", type=int, default=train("num_class_images"), help="class images to use")
+        db.add_argument("--prior-loss-weight", type=float, default=train("prior_loss_weight"),
+                        help="weight of the prior loss")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -211,7 +228,9 @@ def run_command(args: argparse.Namespace) -> int:
         bar = bars[0]
         bar.total = p.total
         bar.n = p.step
-        bar.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.lr:.1e}", samples_s=f"{p.samples_per_s:.2f}", refresh=False)
+        terms = {name.removeprefix("loss_"): f"{value:.4f}" for name, value in p.terms.items()}
+        bar.set_postfix(loss=f"{p.loss:.4f}", **terms, lr=f"{p.lr:.1e}", samples_s=f"{p.samples_per_s:.2f}",
+                        refresh=False)
         bar.refresh()
 
     try:

@@ -8,7 +8,7 @@ Fields marked ``resume_fixed`` must match the run that wrote a checkpoint for it
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 from styleinject.adapters.config import StyleInjectConfig
 from styleinject.errors import FieldError
@@ -36,7 +36,7 @@ class TrainConfig:
     base_model: str = field(metadata={"resume_fixed": True})
     data: str
     output_dir: str
-    steps: int
+    steps: int = 1000
     resolution: int | None = _fixed(None)  # None: the base model's native size (native_resolution)
     batch_size: int = _fixed(1)
     gradient_accumulation_steps: int = _fixed(1)
@@ -131,6 +131,19 @@ class TrainConfig:
                 bad("{num_class_images} must be >= 1 with {class_prompt}")
         if problems:
             raise TrainingError.joined(problems)
+
+
+def field_default(cls: type, name: str):
+    """The default of a config dataclass field (TrainConfig, StyleInjectConfig): the API schemas and
+    the CLI take their defaults from here instead of retyping them. A fresh value per call."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise TypeError(f"{cls.__name__}.{name} has no default")
+    raise AttributeError(f"{cls.__name__} has no field {name!r}")
 
 
 def resume_fixed_fields() -> tuple[str, ...]:

@@ -18,7 +18,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -57,6 +57,10 @@ class Progress:
     lr: float
     samples_per_s: float
     eta_s: float
+    # the terms of a multi-term loss as the kind's loss step names them (distill: loss_out_kd,
+    # loss_feat_kd; dreambooth with a class prompt: loss_instance, loss_prior), averaged like
+    # ``loss``; empty for a single-term loss
+    terms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -257,14 +261,14 @@ def run_training(cfg: TrainConfig, progress: Callable[[Progress], None] | None =
             lr *= min(1.0, (step + 1) / cfg.lr_warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        losses = []
+        losses, term_logs = [], []
         for _ in range(cfg.gradient_accumulation_steps):
             draws = sampler.next(per_step)
             mine = draws[accelerator.process_index * cfg.batch_size:(accelerator.process_index + 1) * cfg.batch_size]
             batch = collate([task.dataset.get(i, aug) for i, aug in mine])
             with accelerator.accumulate(unet):
                 with accelerator.autocast():
-                    loss, _logs = task.loss(batch)
+                    loss, logs = task.loss(batch)
                 if not torch.isfinite(loss):
                     raise TrainingError("loss became {value} at step {at}; lower {learning_rate} or use "
                                         "{mixed_precision} bf16/no", value=loss.item(), at=step + 1)
@@ -274,15 +278,18 @@ def run_training(cfg: TrainConfig, progress: Callable[[Progress], None] | None =
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach().float())
+            term_logs.append(logs)
         step += 1
         steps_this_run += 1
         last_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+        terms = _mean_terms(accelerator, term_logs)  # a collective too: every process calls it
         if progress is not None and accelerator.is_main_process:
             elapsed = time.perf_counter() - started
             per_s = steps_this_run / elapsed if elapsed > 0 else 0.0
             progress(Progress(step=step, total=cfg.steps, loss=last_loss, lr=lr,
                               samples_per_s=per_s * per_step * cfg.gradient_accumulation_steps,
-                              eta_s=(cfg.steps - step) / per_s if per_s else math.inf))
+                              eta_s=(cfg.steps - step) / per_s if per_s else math.inf,
+                              terms=terms))
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             _save_checkpoint(ctx, unet, optimizer, param_names, sampler, step, last_loss)
             last_saved = step
@@ -301,6 +308,17 @@ def run_training(cfg: TrainConfig, progress: Callable[[Progress], None] | None =
     _release(task, models, accelerator)
     return TrainResult(output_dir=out, steps_done=step, cancelled=cancelled, loss=last_loss,
                        checkpoints=ckpt.list_checkpoints(out))
+
+
+def _mean_terms(accelerator, term_logs: list[dict[str, float]]) -> dict[str, float]:
+    """The loss terms the kind's loss step returned, averaged over micro-steps and processes like
+    the loss itself; empty when the loss has a single term."""
+    names = sorted(set.intersection(*(set(logs) for logs in term_logs))) if term_logs else []
+    if len(names) < 2:
+        return {}
+    local = torch.tensor([[logs[n] for n in names] for logs in term_logs], device=accelerator.device)
+    means = accelerator.reduce(local.mean(0), "mean").tolist()
+    return dict(zip(names, means))
 
 
 def _resume_target(cfg: TrainConfig, out: Path) -> Path | None:

@@ -158,6 +158,31 @@ def test_redelivered_train_task_resumes_from_the_latest_checkpoint(settings, tin
     assert job(settings).finished_at == finished_at and job(settings).attempts == 2
 
 
+def test_train_task_keeps_the_per_term_losses_in_the_job_history(settings, tiny_model, tmp_path):
+    """A distill job's progress points carry L_OutKD and L_FeatKD (Progress.terms) into job_events."""
+    from sqlalchemy import select
+
+    from api.core.db.models import JobEvent
+    from worker import tasks
+
+    data = tmp_path / "data"
+    zipfile.ZipFile(dataset_zip(tmp_path / "d.zip")).extractall(data)
+    params = {"kind": "distill", "dataset_id": "ds", **TINY_TRAIN, "steps": 2, "checkpoint_every": 2,
+              "base_model": str(tiny_model), "teacher_model": str(tiny_model)}
+    with session_scope(settings.database_url) as session:
+        tenant = get_or_create_tenant(session, "t")
+        session.add(Dataset(id="ds", tenant_id=tenant.id, name="d.zip", status="ready", path=str(data)))
+        session.add(Job(id="job1", tenant_id=tenant.id, kind="distill", dataset_id="ds", params=params))
+
+    assert tasks.train("job1")["status"] == "succeeded", job(settings).error
+    with session_scope(settings.database_url) as session:
+        points = session.scalars(select(JobEvent.data).where(JobEvent.job_id == "job1", JobEvent.kind == "progress")
+                                 .order_by(JobEvent.id)).all()
+    assert points and points[-1]["step"] == 2
+    assert all(sorted(p["terms"]) == ["loss_feat_kd", "loss_out_kd"] for p in points)
+    assert sorted(job(settings).progress["terms"]) == ["loss_feat_kd", "loss_out_kd"]
+
+
 def test_concurrent_generations_for_different_adapters_never_mix(settings, tiny_model, tmp_path, monkeypatch):
     """Threads call the generate task at once for adapter A, adapter B and the base model; every
     image equals the one the same request gives alone."""

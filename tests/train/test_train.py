@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -78,8 +79,15 @@ def test_distill_shared_uses_feature_kd(tmp_path, make_cfg, tiny_pipe, teacher_p
     data = image_folder(tmp_path / "data", n=2)
     common = {"data": data, "teacher_model": str(teacher_pipeline_path), "learning_rate": 1e-2,
               "adapter": StyleInjectConfig(rank=4, num_styles=2, conv_target_modules=["conv1", "conv2"])}
-    run_training(make_cfg("distill", output="with-feat", **common))
-    run_training(make_cfg("distill", output="no-feat", feat_kd_weight=0.0, **common))
+    with_terms, without_terms = [], []
+    run_training(make_cfg("distill", output="with-feat", **common), progress=with_terms.append)
+    run_training(make_cfg("distill", output="no-feat", feat_kd_weight=0.0, **common), progress=without_terms.append)
+    # the progress carries both terms (L_OutKD, L_FeatKD); a single-term loss reports none
+    assert [sorted(p.terms) for p in with_terms] == [["loss_feat_kd", "loss_out_kd"]] * 3
+    assert all(math.isfinite(v) and v >= 0 for p in with_terms for v in p.terms.values())
+    assert with_terms[-1].loss == pytest.approx(with_terms[-1].terms["loss_out_kd"]
+                                                + with_terms[-1].terms["loss_feat_kd"], rel=1e-4)
+    assert [p.terms for p in without_terms] == [{}] * 3
     with_feat = load_file(str(tmp_path / "with-feat" / "adapter_model.safetensors"))
     no_feat = load_file(str(tmp_path / "no-feat" / "adapter_model.safetensors"))
     assert any(".conv1." in k for k in with_feat)
