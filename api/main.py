@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import __version__
@@ -23,6 +24,7 @@ from api.routes import adapters, dashboard, datasets, evaluate, generate, genera
 from api.core.celery import make_celery
 from api.core.settings import Settings, get_settings
 from api.core.storage import make_store
+from api.guards import BodyGuard, SafeJSONResponse, finite, is_json_content_type
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="StyleInject",
         version=__version__,
         description=DESCRIPTION,
+        default_response_class=SafeJSONResponse,  # a NaN (diverged loss) is null, not a 500
         docs_url=None,  # served below from the vendored Swagger UI: /docs works offline
         redoc_url=None,  # ReDoc would load from a CDN
         openapi_tags=[
@@ -56,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.celery = make_celery(settings)
     app.state.store = make_store(settings)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_json_bytes, max_depth=settings.max_json_depth)
     for module in (datasets, train, jobs, adapters, generate, generations, evaluate, dashboard, health):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -77,10 +81,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors: list[Any] = jsonable_encoder(exc.errors())
+        errors: list[Any] = finite(jsonable_encoder(exc.errors()))  # echoed input: no NaN, cut short
+        content_type = request.headers.get("content-type")
+        if not is_json_content_type(content_type) and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+            return JSONResponse({"message": f"unsupported content type {content_type[:100]!r}: send the body "
+                                 "as JSON with `Content-Type: application/json`", "detail": None}, status_code=415)
         parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors]
         return JSONResponse({"message": "invalid request: " + "; ".join(parts), "detail": errors},
                             status_code=422)
+
+    @app.exception_handler(DataError)
+    async def data_error(request: Request, exc: DataError) -> JSONResponse:
+        # the database refused a value taken from the request (an integer past 64 bits...)
+        message = "invalid request: a value is out of range for the database; use smaller numbers"
+        return JSONResponse({"message": message, "detail": [{"loc": ["request"], "msg": message,
+                                                             "type": "value_error"}]}, status_code=422)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

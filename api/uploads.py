@@ -90,7 +90,8 @@ async def receive_file(request: Request, field: str, dest_dir: Path, max_bytes: 
             return
         if "path" in result:
             raise UploadError(422, f"send exactly one file in field '{field}'")
-        original = options.get(b"filename", b"").decode("utf-8", "replace")
+        # NUL and other control characters: no database column stores a NUL, and names are for humans
+        original = re.sub(r"[\x00-\x1f\x7f]", "", options.get(b"filename", b"").decode("utf-8", "replace"))
         if not original:
             raise UploadError(422, f"field '{field}' must be a file (with a filename)")
         suffix = upload_suffix(original)
