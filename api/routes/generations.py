@@ -12,12 +12,13 @@ import asyncio
 import json
 import math
 import secrets
+from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse
 
@@ -93,7 +94,19 @@ def _cost(body: GenerateRequest, base_model: str) -> int:
     return int(steps * width * height * body.num_images)
 
 
+def _fail_lost(session: Session, tenant_id: str, settings: Settings) -> None:
+    """Requests left running by a worker that died never finish: past the generate time limit they
+    are failed, so they stop counting against the tenant's caps."""
+    cutoff = utcnow() - timedelta(seconds=settings.generate_time_limit_s + 60)
+    session.execute(update(GenerationRequest)
+                    .where(GenerationRequest.tenant_id == tenant_id, GenerationRequest.status == "running",
+                           GenerationRequest.started_at < cutoff)
+                    .values(status="failed", error="the worker running this request was lost; submit it again",
+                            error_code=500, finished_at=utcnow()))
+
+
 def _check_caps(session: Session, tenant_id: str, settings: Settings, cost: int) -> None:
+    _fail_lost(session, tenant_id, settings)
     pending, pending_cost = session.execute(
         select(func.count(), func.coalesce(func.sum(GenerationRequest.cost), 0))
         .where(GenerationRequest.tenant_id == tenant_id, GenerationRequest.status.in_(PENDING))

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from api.auth import create_api_key, revoke_api_key
 from api.core.db.migrate import upgrade
-from api.core.db.models import Dataset, GenerationRequest, Job
+from api.core.db.models import Dataset, GenerationRequest, Job, utcnow
 from api.core.db.session import session_scope
 from api.main import create_app
 from api.core.settings import Settings
@@ -341,3 +341,24 @@ def test_finished_job_history(client, settings):
     with session_scope(settings.database_url) as session:
         key, _ = create_api_key(session, "mallory")
     assert client.get(f"/jobs/{job_id}/history", headers=auth(key)).status_code == 404
+
+
+def test_requests_left_running_by_a_lost_worker_stop_counting_against_the_caps(settings):
+    from datetime import timedelta
+
+    from api.auth import get_or_create_tenant
+
+    capped = settings.model_copy(update={"tenant_max_pending_generations": 1})
+    with session_scope(settings.database_url) as session:
+        tenant = get_or_create_tenant(session, "admin")
+        lost = GenerationRequest(tenant_id=tenant.id, params={}, status="running", cost=1,
+                                 started_at=utcnow() - timedelta(seconds=settings.generate_time_limit_s + 120))
+        session.add(lost)
+        session.flush()
+        lost_id = lost.id
+    with TestClient(create_app(capped)) as client:
+        response = client.post("/generations", json={"prompt": "x", **SMALL}, headers=auth())
+        assert response.status_code == 202, response.text
+        assert client.post("/generations", json={"prompt": "y", **SMALL}, headers=auth()).status_code == 429
+        lost = client.get(f"/generations/{lost_id}", headers=auth()).json()
+        assert lost["status"] == "failed" and "lost" in lost["error"]
