@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     tenant_max_pending_generations: int = 256
     tenant_max_generation_cost: int = 2 * 150 * 1024 * 1024 * 4
 
+    # Metrics (docs/ops.md): GET /metrics takes an admin key or this token; with a port set the API
+    # and each worker also serve the page, without auth, on that port (keep it on a private network).
+    metrics_token: SecretStr | None = None
+    metrics_port: int | None = None
+
     # Timeouts (seconds).
     generate_timeout_s: float = 300.0
     job_soft_time_limit_s: int = 48 * 3600
