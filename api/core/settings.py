@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     max_train_steps: int = 100_000
     max_json_bytes: int = 1024**2  # any request body but the streamed dataset upload (413 above)
     max_json_depth: int = 32  # nesting of a JSON body (422 deeper)
+    # An uploaded archive of N bytes may expand to at most max(ratio x N, 1 MiB) (counted while extracting).
+    max_extract_ratio: float = 20.0
 
     # Serving (the generate worker's engine; docs/service.md "The serving engine").
     engine_max_batch: int = 32  # UNet rows per forward (a request with guidance counts 2 per image)

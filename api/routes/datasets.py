@@ -75,7 +75,8 @@ async def create_dataset(
     dest = store.path_for(DATASETS, dataset_id)
     try:
         upload, original, size = await receive_file(request, "file", upload_dir, settings.max_upload_bytes)
-        data_path, info = await run_in_threadpool(validate_upload, upload, dest, kind, skip_bad)
+        data_path, info = await run_in_threadpool(validate_upload, upload, dest, kind, skip_bad,
+                                                  settings.max_extract_ratio)
         await run_in_threadpool(store.put_dir, DATASETS, dataset_id, dest)
     except UploadError as exc:
         store.delete(DATASETS, dataset_id)
@@ -102,8 +103,12 @@ async def create_dataset(
         raise
 
 
-def validate_upload(upload: Path, dest: Path, kind: str, skip_bad: bool = False) -> tuple[Path, Any]:
+def validate_upload(upload: Path, dest: Path, kind: str, skip_bad: bool = False,
+                    max_ratio: float = 20.0) -> tuple[Path, Any]:
     """Extract (archives) into ``dest`` and run the engine's full validation.
+
+    An archive may expand to at most ``max(max_ratio x its size, 1 MiB)`` (STYLEINJECT_MAX_EXTRACT_RATIO),
+    counted while it is extracted: a bomb is refused before it fills the disk.
 
     Raises UploadError(422) with the engine's message in API words; ``dest`` is the caller's to remove.
     """
@@ -113,7 +118,7 @@ def validate_upload(upload: Path, dest: Path, kind: str, skip_bad: bool = False)
     try:
         if upload.name.lower().endswith(ARCHIVE_SUFFIXES):
             data_path = dest / "data"
-            safe_extract(upload, data_path)
+            safe_extract(upload, data_path, max_ratio=max_ratio)
         else:
             data_path = dest / upload.name
             shutil.move(upload, data_path)

@@ -48,6 +48,10 @@ IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
 
 MAX_EXTRACT_BYTES = 16 * 1024**3  # total uncompressed size an archive may expand to
 MAX_EXTRACT_FILES = 200_000  # members (files + folders) an archive may hold
+# Ratio budget (optional; the service always sets one): an archive of N bytes may expand to at most
+# max(max_ratio * N, EXTRACT_MIN_BUDGET) bytes, counted while reading, so a rejected archive never
+# makes us write more than that (nor hold more than one copy chunk in memory).
+EXTRACT_MIN_BUDGET = 1 << 20
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's default bomb limit (warning level); above it is an error
 _COPY_CHUNK = 1 << 20
 
@@ -135,6 +139,21 @@ def _target(dest: Path, archive: str, name: str, parts: list[str]) -> Path:
     return target
 
 
+class _Limit(int):
+    """The byte budget of one extraction, carrying the words that explain it."""
+
+    why: str
+
+    def __new__(cls, value: int, why: str) -> "_Limit":
+        obj = super().__new__(cls, value)
+        obj.why = why
+        return obj
+
+
+def _why(max_bytes: int) -> str:
+    return getattr(max_bytes, "why", "decompression-bomb guard")
+
+
 def _copy_counted(src, target: Path, archive: str, name: str, declared: int, budget: list[int],
                   max_bytes: int) -> None:
     """Copy a member stream, counting the bytes actually written against the declared size and
@@ -162,7 +181,7 @@ def _copy_counted(src, target: Path, archive: str, name: str, declared: int, bud
             if budget[0] > max_bytes:
                 raise DatasetError.text(
                     f"{archive}: archive expands to more than {_fmt_bytes(max_bytes)} "
-                    "(decompression-bomb limit); split the dataset or raise the limit"
+                    f"({_why(max_bytes)}); split the dataset or raise the limit"
                 )
             out.write(chunk)
 
@@ -175,7 +194,7 @@ def _check_totals(archive: str, count: int, total: int, max_files: int, max_byte
     if total > max_bytes:
         raise DatasetError.text(
             f"{archive}: archive expands to {_fmt_bytes(total)}, more than the limit of "
-            f"{_fmt_bytes(max_bytes)} (decompression-bomb guard); split the dataset or raise the limit"
+            f"{_fmt_bytes(max_bytes)} ({_why(max_bytes)}); split the dataset or raise the limit"
         )
 
 
@@ -271,6 +290,8 @@ def _extract_tar(path: Path, dest: Path, max_bytes: int, max_files: int) -> int:
                 if member.isreg():
                     total += member.size
                 _check_totals(archive, count, total, max_files, max_bytes)
+                # the decompressed tar stream read so far (headers, skipped members): bounded too
+                _check_totals(archive, count, tf.offset, max_files, max_bytes)
                 if parts is None:
                     continue
                 target = _target(dest, archive, member.name, parts)
@@ -292,19 +313,37 @@ def _extract_tar(path: Path, dest: Path, max_bytes: int, max_files: int) -> int:
     return files
 
 
+def extract_budget(archive_size: int, max_bytes: int = MAX_EXTRACT_BYTES, max_ratio: float | None = None) -> int:
+    """Most bytes an archive of ``archive_size`` bytes may expand to: ``max_bytes``, and with a
+    ``max_ratio`` also ``max(max_ratio * archive_size, EXTRACT_MIN_BUDGET)``."""
+    if max_ratio is None:
+        return _Limit(max_bytes, "decompression-bomb guard")
+    by_ratio = max(int(max_ratio * archive_size), EXTRACT_MIN_BUDGET)
+    if by_ratio >= max_bytes:
+        return _Limit(max_bytes, "decompression-bomb guard")
+    return _Limit(by_ratio, f"decompression-bomb guard: at most {max_ratio:g} times the archive's "
+                            f"{_fmt_bytes(archive_size)}, or {_fmt_bytes(EXTRACT_MIN_BUDGET)}")
+
+
 def safe_extract(archive_path: str | os.PathLike, dest_dir: str | os.PathLike, *,
-                 max_bytes: int = MAX_EXTRACT_BYTES, max_files: int = MAX_EXTRACT_FILES) -> Path:
+                 max_bytes: int = MAX_EXTRACT_BYTES, max_files: int = MAX_EXTRACT_FILES,
+                 max_ratio: float | None = None) -> Path:
     """Extract a zip or tar(.gz) archive into ``dest_dir`` (created; must not hold files).
 
     Refuses path traversal, absolute paths, symbolic and hard links, device files, encrypted
-    members and decompression bombs (more than ``max_files`` entries or ``max_bytes`` in total,
-    checked on the declared sizes first and again on the bytes actually written). On any failure
+    members and decompression bombs: more than ``max_files`` entries, or more bytes than
+    :func:`extract_budget` allows (``max_bytes``; with ``max_ratio`` also ``max_ratio`` times the
+    archive's size, at least ``EXTRACT_MIN_BUDGET``). The budget is checked on the declared sizes
+    before a member is written and again on every chunk actually written (and, for tar, on the
+    decompressed stream read, headers included), so a rejected archive never leaves more than the
+    budget on disk at any moment, and memory holds one copy chunk (1 MiB). On any failure
     ``dest_dir`` is removed and :class:`DatasetError` is raised. Returns ``dest_dir``.
     """
     path = Path(archive_path)
     dest = Path(dest_dir)
     if not path.is_file():
         raise DatasetError.text(f"{path}: archive not found; check the path")
+    max_bytes = extract_budget(path.stat().st_size, max_bytes, max_ratio)
     if dest.exists() and any(dest.iterdir()):
         raise DatasetError.text(f"{dest}: extraction folder is not empty; choose an empty folder")
     dest.mkdir(parents=True, exist_ok=True)
@@ -328,15 +367,23 @@ def safe_extract(archive_path: str | os.PathLike, dest_dir: str | os.PathLike, *
 # --------------------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
-    """Fully decode an image with PIL's decompression-bomb guard on (the warning is an error)."""
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Fully decode an image, bounded in pixels before decoding: the header's width x height must
+    be at most ``max_pixels`` (and PIL's own decompression-bomb guard stays on, its warning an error)."""
     if Image.MAX_IMAGE_PIXELS is None:  # a library switched the guard off: switch it back on
         Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            width, height = img.size
+            if width * height > max_pixels:
+                raise DatasetError.text(
+                    f"{name}: image is {width} x {height} = {width * height} pixels, more than the limit "
+                    f"of {max_pixels} (decompression-bomb guard); resize it")
             img.load()
+    except DatasetError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DatasetError.text(f"{name}: image is too large to decode safely ({exc}); resize it") from None
     except Exception as exc:  # PIL raises many types for corrupt data
