@@ -1,0 +1,310 @@
+"""The dashboard in a real headless Chromium (Debian's ``chromium``, driven by Playwright's Python
+API through ``executable_path``; no browser download) against ``styleinject serve`` (embedded: SQLite,
+one real worker, the packaged toy demo model).
+
+Covers: log in without the key in the URL; a job page whose loss curve, checkpoints and status
+update from the SSE stream without a reload, and whose long error wraps; a real training job
+watched to the end; the playground (several adapters with weights, and compare side by side);
+the datasets page (upload with progress, thumbnails, captions); ``/docs`` with every request off
+the machine blocked. Each page is checked at 1400 x 900 and at phone width (no horizontal scroll).
+
+Screenshots go to ``runs/screenshots/dashboard/`` (or ``$STYLEINJECT_SCREENSHOT_DIR``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import REPO, Proc, dataset_zip, free_port, service_env, wait_for_http
+
+CHROMIUM = os.environ.get("STYLEINJECT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # pragma: no cover - the dev extra installs it
+    sync_playwright = None
+
+pytestmark = [
+    pytest.mark.skipif(sync_playwright is None, reason="playwright is not installed (pip install -e '.[dev]')"),
+    pytest.mark.skipif(CHROMIUM is None, reason="no chromium executable: apt-get install -y chromium "
+                       "(or set STYLEINJECT_CHROMIUM); .ci/run installs it"),
+]
+
+KEY = "browser-test-bootstrap-key"
+SHOTS = Path(os.environ.get("STYLEINJECT_SCREENSHOT_DIR") or REPO / "runs" / "screenshots" / "dashboard")
+DESKTOP = {"width": 1400, "height": 900}
+PHONE = {"width": 390, "height": 844}
+TRAIN = {"kind": "finetune", "steps": 30, "resolution": 32, "checkpoint_every": 10, "learning_rate": 1e-3,
+         "adapter": {"rank": 4, "num_styles": 2}}
+
+
+def _styleinject() -> list[str]:
+    script = Path(sys.executable).with_name("styleinject")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "styleinject.cli"]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dashboard")
+    home, logs = root / "home", root / "logs"
+    logs.mkdir()
+    env = service_env(bootstrap_key=KEY, progress_interval_s=0.2)
+    port = free_port()
+    serve = Proc("serve", [*_styleinject(), "serve", "--home", str(home), "--port", str(port)], env, logs)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", [serve], timeout=120)
+        yield {"base": f"http://127.0.0.1:{port}", "home": home, "root": root, "proc": serve}
+    finally:
+        serve.stop(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def api(service):
+    with httpx.Client(base_url=service["base"], headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as client:
+        yield client
+
+
+class Page:
+    """A browser tab at a viewport; page errors (uncaught JS exceptions) fail the test."""
+
+    def __init__(self, browser, base: str, viewport: dict[str, int]) -> None:
+        self.base = base
+        self.context = browser.new_context(viewport=viewport)
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+
+    def login(self) -> None:
+        page = self.page
+        page.goto(self.base + "/dashboard")
+        page.fill("input[name=key]", KEY)
+        page.press("input[name=key]", "Enter")
+        page.wait_for_selector("header.top")
+        assert KEY not in page.url and "key=" not in page.url, page.url
+
+    def goto(self, path: str) -> None:
+        self.page.goto(self.base + path)
+
+    def shot(self, name: str) -> None:
+        self.page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+    def no_horizontal_scroll(self) -> None:
+        width, inner = self.page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+        assert width <= inner, f"page is {width}px wide in a {inner}px viewport"
+
+    def close(self) -> None:
+        self.context.close()
+        assert not self.errors, self.errors
+
+
+@pytest.fixture
+def desktop(browser, service):
+    tab = Page(browser, service["base"], DESKTOP)
+    yield tab
+    tab.close()
+
+
+@pytest.fixture
+def phone(browser, service):
+    tab = Page(browser, service["base"], PHONE)
+    yield tab
+    tab.close()
+
+
+def _settings(service):
+    from api.core.settings import Settings
+
+    return Settings(home=service["home"])
+
+
+def test_login_without_key_in_url_and_docs_offline(desktop, service):
+    page = desktop.page
+    desktop.goto("/dashboard")
+    assert page.locator("input[name=key]").get_attribute("type") == "password"
+    desktop.shot("login")
+    desktop.login()
+    assert page.locator("h1").first.inner_text() == "Jobs"
+    desktop.shot("overview")
+
+    # /docs with everything off this machine blocked: Swagger UI comes from the package
+    outside: list[str] = []
+
+    def only_local(route):
+        if route.request.url.startswith(service["base"]):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    desktop.context.route("**/*", only_local)
+    desktop.goto("/docs")
+    page.wait_for_selector(".swagger-ui .info .title", timeout=20000)
+    assert "StyleInject" in page.locator(".swagger-ui .info .title").inner_text()
+    page.wait_for_selector(".opblock-summary-path", timeout=20000)
+    assert outside == []
+    desktop.shot("docs-offline")
+
+
+def test_job_page_updates_live_and_wraps_errors(desktop, phone, service):
+    """A job driven from here (no worker): points, a checkpoint and the failure arrive over SSE."""
+    from api.auth import get_or_create_tenant
+    from api.core.db.models import Checkpoint
+    from api.core.db.session import session_scope
+    from api.core.jobs import create_job, record_event
+    from worker.lease import JobLease
+
+    settings = _settings(service)
+    with session_scope(settings.database_url) as session:
+        tenant = get_or_create_tenant(session, "admin")
+        job_id = create_job(session, tenant_id=tenant.id, kind="finetune",
+                            params={"steps": 40, "checkpoint_every": 10, "learning_rate": 1e-4}).id
+    lease = JobLease(settings, job_id, "browser-test-worker")
+    assert lease.claim().status == "claimed"
+    for step in range(1, 6):
+        lease.report({"step": step, "total": 40, "loss": 1.0 / step, "lr": 1e-4}, force=True)
+
+    desktop.login()
+    page = desktop.page
+    desktop.goto("/dashboard")
+    page.click(f"a[href='/dashboard/jobs/{job_id}']")  # the jobs table links to the job page
+    page.wait_for_selector("#loss-chart svg path.series")
+    assert page.get_attribute("#loss-chart", "data-points") == "5"
+    assert page.inner_text("#status") == "running"
+    page.evaluate("window.__notReloaded = true")
+
+    with session_scope(settings.database_url) as session:
+        session.add(Checkpoint(job_id=job_id, step=10, path=str(service["root"] / "ckpt-10")))
+        record_event(session, job_id, "checkpoint", {"step": 10, "name": "step-000010"})
+    for step in range(6, 13):
+        lease.report({"step": step, "total": 40, "loss": 0.5 / step, "lr": 1e-4}, force=True)
+        time.sleep(0.1)
+    # the stream polls the row (0.5 s), so it may skip points written faster: the newest one arrives
+    page.wait_for_function("document.querySelector('#progress-text').textContent === '12 / 40'", timeout=15000)
+    assert int(page.get_attribute("#loss-chart", "data-points")) > 5
+    page.wait_for_selector("#checkpoints tr:has-text('10')")
+    desktop.shot("job-running")
+
+    error = "RuntimeError: " + "x" * 1500 + " and then a very long path /" + "/".join(["segment"] * 120)
+    assert lease.finish("failed", error=error)
+    page.wait_for_function("document.querySelector('#status').textContent === 'failed'", timeout=15000)
+    assert page.evaluate("window.__notReloaded") is True  # live updates, no reload
+    assert page.is_visible("#error") and page.inner_text("#error").startswith("RuntimeError")
+    assert page.is_hidden("#cancel")
+    assert "failed" in page.inner_text("#log")
+    desktop.no_horizontal_scroll()
+    desktop.shot("job-failed")
+
+    phone.login()
+    phone.goto(f"/dashboard/jobs/{job_id}")
+    phone.page.wait_for_selector("#loss-chart svg")
+    phone.no_horizontal_scroll()
+    phone.shot("phone-job-failed")
+    phone.goto("/dashboard")
+    phone.no_horizontal_scroll()
+    phone.shot("phone-overview")
+
+
+def test_datasets_page_upload_with_progress_and_thumbnails(desktop, phone, service, tmp_path):
+    desktop.login()
+    page = desktop.page
+    desktop.goto("/dashboard/datasets")
+    page.set_input_files("input[name=file]", str(dataset_zip(tmp_path / "shapes.zip", n=6)))
+    page.click("#upload button[type=submit]")
+    page.wait_for_selector("#upload-text:has-text('ready')", timeout=30000)
+    assert page.evaluate("document.querySelector('#upload-bar').style.width") == "100%"
+    page.wait_for_selector("section.dataset figure.thumb img", timeout=15000)  # after the reload
+    page.wait_for_function("[...document.querySelectorAll('figure.thumb img')].every(i => i.complete)")
+    section = page.locator("section.dataset", has_text="shapes.zip").first
+    assert section.locator("figure.thumb").count() == 6
+    assert "a red square, style 0" in section.inner_text()
+    widths = section.locator("figure.thumb img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
+    assert all(w > 0 for w in widths), widths
+    desktop.shot("datasets")
+
+    # a bad upload shows the API's message
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"not a zip")
+    page.set_input_files("input[name=file]", str(bad))
+    page.click("#upload button[type=submit]")
+    page.wait_for_selector("#upload-error:not([hidden])", timeout=15000)
+    assert page.inner_text("#upload-error").strip()
+    desktop.shot("datasets-upload-error")
+
+    phone.login()
+    phone.goto("/dashboard/datasets")
+    phone.no_horizontal_scroll()
+    phone.shot("phone-datasets")
+
+
+def test_real_job_then_playground_compare(desktop, phone, service, api, tmp_path):
+    with open(dataset_zip(tmp_path / "train.zip", n=4), "rb") as handle:
+        response = api.post("/datasets", files={"file": ("train.zip", handle, "application/zip")})
+    assert response.status_code == 201, response.text
+    dataset_id, adapters = response.json()["id"], []
+    for seed, name in enumerate(("first", "second")):
+        response = api.post("/train", json={**TRAIN, "dataset_id": dataset_id, "name": name, "seed": seed})
+        assert response.status_code == 202, response.text
+        adapters.append(response.json())
+
+    # watch the first job from the page until it ends (SSE, no reload)
+    desktop.login()
+    page = desktop.page
+    desktop.goto(f"/dashboard/jobs/{adapters[0]['id']}")
+    page.wait_for_function("document.querySelector('#status').textContent === 'succeeded'", timeout=180000)
+    assert int(page.get_attribute("#loss-chart", "data-points")) >= 2
+    assert page.locator("#checkpoints tr").count() >= 1
+    assert page.inner_text("#progress-text") == "30 / 30"
+    desktop.shot("job-succeeded")
+    deadline = time.monotonic() + 180
+    while api.get(f"/jobs/{adapters[1]['id']}").json()["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, "second training job did not finish"
+        time.sleep(0.5)
+    assert api.get(f"/jobs/{adapters[1]['id']}").json()["status"] == "succeeded"
+
+    desktop.goto("/dashboard/playground")
+    rows = page.locator(".adapter-row")
+    assert rows.count() == 2
+    first, second = page.locator(".adapter-row[data-name=first]"), page.locator(".adapter-row[data-name=second]")
+    first.locator("input[type=checkbox]").check()
+    second.locator("input[type=checkbox]").check()
+    second.locator("input[type=number]").fill("0.5")
+    page.fill("textarea[name=prompt]", "a red square")
+    page.fill("input[name=seed]", "7")
+    page.fill("input[name=steps]", "4")
+    page.click("#generate")  # one POST /generate with both adapters and their weights
+    page.wait_for_selector("#results img", timeout=120000)
+    caption = page.inner_text("#results figcaption")
+    assert "first × 1" in caption and "second × 0.5" in caption and "seed 7" in caption
+    desktop.shot("playground-generate")
+
+    page.click("#compare")  # the base model and each adapter, same prompt and seed, side by side
+    page.wait_for_function("document.querySelectorAll('#results figure.result img').length === 3", timeout=120000)
+    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+    captions = page.locator("#results figcaption").all_inner_texts()
+    assert len(captions) == 3 and "base model" in captions[0] and all("seed 7" in c for c in captions)
+    assert page.locator("#results .error").count() == 0
+    desktop.shot("playground-compare")
+
+    phone.login()
+    phone.goto("/dashboard/playground")
+    phone.page.locator(".adapter-row input[type=checkbox]").first.check()
+    phone.page.fill("input[name=steps]", "4")
+    phone.page.click("#compare")
+    phone.page.wait_for_function("document.querySelectorAll('#results img').length === 2", timeout=120000)
+    phone.no_horizontal_scroll()
+    phone.shot("phone-playground-compare")
