@@ -61,3 +61,15 @@ def test_worker_reserves_a_gpu_and_api_has_no_torch():
     assert not any(re.search(r"\btorch\b", line) for line in commands), "the API image must not install torch"
     worker_file = (REPO / "docker" / "Dockerfile.worker").read_text()
     assert "torch" in worker_file and "cu1" in worker_file
+
+
+def test_compose_refuses_to_start_without_a_database_password():
+    """No default password: every use of POSTGRES_PASSWORD is `${POSTGRES_PASSWORD:?message}`, which
+    makes `docker compose` stop with the message when the variable is unset or empty."""
+    text = (REPO / "docker-compose.yml").read_text()
+    uses = re.findall(r"\$\{POSTGRES_PASSWORD([^}]*)\}", text)
+    assert len(uses) >= 2, uses  # the postgres service and the database URL of every other service
+    for rest in uses:
+        assert rest.startswith(":?") and "docs/service.md" in rest, rest
+    assert _compose()["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    assert not re.search(r"\$\{[A-Z_]*(PASSWORD|SECRET|KEY)[A-Z_]*:-[^}]", text), "a default for a secret"
