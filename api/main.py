@@ -6,7 +6,9 @@ name. Uploads are validated in-process with the library's torch-free ``styleinje
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import __version__
+from api import __version__, metrics
 from api.routes import adapters, dashboard, datasets, evaluate, generate, generations, health, jobs, train
 from api.core.celery import make_celery
 from api.core.settings import Settings, get_settings
@@ -38,9 +40,24 @@ another tenant's id answers 404. Errors are JSON: `{"message": "...", "detail": 
 """
 
 
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """With STYLEINJECT_METRICS_PORT, also serve /metrics on that port (docs/ops.md)."""
+    settings = app.state.settings
+    server = metrics.serve_port(settings.metrics_port, metrics.metrics_registry(settings)) \
+        if settings.metrics_port else None
+    try:
+        yield
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
+        lifespan=lifespan,
         title="StyleInject",
         version=__version__,
         description=DESCRIPTION,
@@ -60,7 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.state.store = make_store(settings)
     app.add_middleware(BodyGuard, max_bytes=settings.max_json_bytes, max_depth=settings.max_json_depth)
-    for module in (datasets, train, jobs, adapters, generate, generations, evaluate, dashboard, health):
+    app.add_middleware(metrics.RequestMetrics)  # outermost: BodyGuard's 413/415 answers are counted
+    for module in (datasets, train, jobs, adapters, generate, generations, evaluate, dashboard, health, metrics):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

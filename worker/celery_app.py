@@ -6,6 +6,6 @@ from __future__ import annotations
 
 from api.core.celery import make_celery
 from api.core.settings import get_settings
-from worker import time_limits  # noqa: F401 - connects the solo-pool soft time limits
+from worker import metrics, time_limits  # noqa: F401 - connect the metrics and solo-pool time-limit signals
 
 celery_app = make_celery(get_settings(), include=["worker.tasks"])

@@ -27,16 +27,26 @@ def add_commands(subparsers) -> None:
 
 
 def _worker(args) -> int:
+    import os
+    import tempfile
+
     from api.core.settings import Settings, configure_settings
 
     if args.home:
         # the process settings, set before the Celery app and the tasks are built from them
         configure_settings(Settings(home=args.home))
     from api.core.settings import get_settings
-    from worker.celery_app import celery_app
 
     generate_only = [q.strip() for q in args.queues.split(",") if q.strip()] == ["generate"]
     pool = args.pool or ("threads" if generate_only else "prefork")
+    if pool == "prefork" and get_settings().metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # tasks run in child processes: they write metrics to files the main process serves (set
+        # before prometheus-client is imported; a fresh folder, so no stale values)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="styleinject-metrics-")
+    from worker.celery_app import celery_app
+    from worker.metrics import set_queues
+
+    set_queues(args.queues)
     concurrency = args.concurrency or (get_settings().generate_concurrency if pool == "threads" else 1)
     argv = ["worker", "--pool", pool, "--concurrency", str(concurrency),
             "--queues", args.queues, "--loglevel", args.log_level.upper()]

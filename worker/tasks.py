@@ -27,6 +27,7 @@ from api.core.settings import get_settings
 from api.core.storage import JOBS, ArtifactStore, make_store
 from worker.celery_app import celery_app
 from worker.lease import JobLease
+from worker.metrics import observe_training, training_done
 
 log = logging.getLogger("worker.tasks")
 _limits = get_settings()  # time limits are fixed when the task is registered; the rest is read per call
@@ -140,13 +141,16 @@ def train(self, job_id: str) -> dict[str, Any]:
             _sync_checkpoints(session, job_id, output_dir)
 
     seen: set[Path] = set()
+    last_step = [0]
 
     def on_progress(p) -> None:
         from styleinject.train.checkpoint import list_checkpoints
 
         # every field of the loop's Progress (step, total, loss, lr, samples_per_s, eta_s, and the
         # per-term losses when the loop reports them); non-finite numbers are stored as null
-        lease.report(_progress_dict(p))
+        point = _progress_dict(p)
+        lease.report(point)
+        observe_training(job["kind"], point, last_step)
         current = set(list_checkpoints(output_dir))  # rows follow the folders while training
         if current != seen:
             seen.clear()
@@ -161,7 +165,10 @@ def train(self, job_id: str) -> dict[str, Any]:
             from styleinject.train import run_training
 
             cfg = _train_config(job, data_path, output_dir)
-            result = run_training(cfg, progress=on_progress, should_cancel=lease.should_cancel)
+            try:
+                result = run_training(cfg, progress=on_progress, should_cancel=lease.should_cancel)
+            finally:
+                training_done(job["kind"])
         except SoftTimeLimitExceeded:
             record_checkpoints()
             lease.finish("failed", f"time limit of {settings.job_soft_time_limit_s} s reached "
