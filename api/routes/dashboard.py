@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -158,6 +159,11 @@ def read_playground(request: Request, session: SessionDep, settings: SettingsDep
 
 # -- datasets ---------------------------------------------------------------------------------------
 
+def _natural(path: Path) -> list[Any]:
+    """Sort key: img2 before img10."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(path))]
+
+
 def dataset_items(dataset: Dataset, limit: int = DATASET_PREVIEW) -> list[dict[str, Any]]:
     """The first ``limit`` items of a stored dataset: ``{"index", "name", "caption", "image"}``.
 
@@ -203,8 +209,9 @@ def dataset_items(dataset: Dataset, limit: int = DATASET_PREVIEW) -> list[dict[s
                 items.append({"index": len(items), "name": str(record["file_name"]),
                               "caption": record.get("text"), "image": image})
         return items
-    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                        and not any(part.startswith(".") for part in p.relative_to(root).parts)):
+    images = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+              and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    for image in sorted(images, key=_natural):
         if len(items) >= limit:
             break
         caption_file = image.with_suffix(".txt")

@@ -70,10 +70,11 @@ const SI = (() => {
     const xa = niceTicks(Math.min(0, ...xs), Math.max(...xs, xmax, 1), 6), ya = niceTicks(Math.min(...ys), Math.max(...ys), 4);
     const X = x => L + (x - xa.lo) / (xa.hi - xa.lo) * (W - L - R);
     const Y = y => T + (1 - (y - ya.lo) / (ya.hi - ya.lo)) * (H - T - B);
+    const tiny = Math.max(...ya.ticks.map(Math.abs)) < 1e-2;  // e.g. learning rates: one format per axis
     for (const t of ya.ticks) {
       svg.append(svgEl("line", { x1: L, x2: W - R, y1: Y(t), y2: Y(t), class: "grid" }));
       const label = svgEl("text", { x: L - 6, y: Y(t) + 4, "text-anchor": "end", class: "tick" });
-      label.textContent = Math.abs(t) < 1e-4 && t !== 0 ? t.toExponential(1) : +t.toPrecision(digits);
+      label.textContent = tiny ? (t === 0 ? "0" : t.toExponential(2)) : +t.toPrecision(digits);
       svg.append(label);
     }
     for (const t of xa.ticks) {
@@ -298,6 +299,8 @@ const SI = (() => {
       const xhr = new XMLHttpRequest();
       xhr.open("POST", `/datasets?${params}`);
       $("#upload-progress").hidden = false;
+      bar.style.width = "0%";
+      text.textContent = "uploading…";
       form.querySelector("button").disabled = true;
       xhr.upload.onprogress = e => {
         if (!e.lengthComputable) return;
@@ -314,13 +317,18 @@ const SI = (() => {
           text.textContent = `dataset ${out.id}: ${out.num_items} items, ready`;
           setTimeout(() => location.reload(), 600);
         } else {
-          text.textContent = "";
+          $("#upload-progress").hidden = true;
           const error = $("#upload-error");
           error.textContent = (out && out.message) || `upload failed (${xhr.status})`;
           error.hidden = false;
         }
       };
-      xhr.onerror = () => { form.querySelector("button").disabled = false; text.textContent = "network error"; };
+      xhr.onerror = () => {
+        form.querySelector("button").disabled = false;
+        $("#upload-progress").hidden = true;
+        $("#upload-error").textContent = "network error: the upload did not reach the server";
+        $("#upload-error").hidden = false;
+      };
       $("#upload-error").hidden = true;
       xhr.send(data);
     });
