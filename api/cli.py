@@ -124,14 +124,13 @@ def _serve(args) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     base = f"http://{args.host}:{args.port}"
     print(f"StyleInject embedded service\n  home:      {settings.home}\n  API:       {base}\n"
-          f"  docs:      {base}/docs\n  dashboard: {base}/dashboard?key=<API key>\n"
+          f"  docs:      {base}/docs\n  dashboard: {base}/dashboard (log in with an API key)\n"
           f"  base model: {settings.resolved_base_model()}\n"
           f"  create a key: styleinject apikey create --tenant NAME --home {settings.home}", flush=True)
     if first_key:
         print(f"  first start: an API key for tenant 'admin' (shown only this once; keep it):\n"
               f"    {first_key}\n"
-              f"    curl -H 'Authorization: Bearer {first_key}' {base}/jobs\n"
-              f"    {base}/dashboard?key={first_key}", flush=True)
+              f"    curl -H 'Authorization: Bearer {first_key}' {base}/jobs", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

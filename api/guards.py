@@ -22,6 +22,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from api.redact import redact
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -95,11 +97,12 @@ def is_json_content_type(value: str | None) -> bool:
 
 
 def finite(value: Any, _depth: int = 0) -> Any:
-    """JSON-ready data with non-finite floats as strings and long strings cut (error details)."""
+    """JSON-ready data with non-finite floats as strings, long strings cut and keys redacted (error details)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if isinstance(value, str) and len(value) > _ECHO_CHARS:
-        return value[:_ECHO_CHARS] + "..."
+    if isinstance(value, str):
+        value = redact(value)  # an error never repeats key material back
+        return value[:_ECHO_CHARS] + "..." if len(value) > _ECHO_CHARS else value
     if _depth > 20:
         return "..."
     if isinstance(value, dict):

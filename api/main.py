@@ -22,11 +22,12 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import __version__, metrics
-from api.routes import adapters, dashboard, datasets, evaluate, generate, generations, health, jobs, train
+from api.routes import adapters, dashboard, datasets, evaluate, generate, generations, health, jobs, login, train
 from api.core.celery import make_celery
 from api.core.settings import Settings, get_settings
 from api.core.storage import make_store
 from api.guards import BodyGuard, SafeJSONResponse, finite, is_json_content_type
+from api.redact import install_log_redaction
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = make_store(settings)
     app.add_middleware(BodyGuard, max_bytes=settings.max_json_bytes, max_depth=settings.max_json_depth)
     app.add_middleware(metrics.RequestMetrics)  # outermost: BodyGuard's 413/415 answers are counted
-    for module in (datasets, train, jobs, adapters, generate, generations, evaluate, dashboard, health, metrics):
+    install_log_redaction()  # no key material in the access log (?key=...), ours or uvicorn's
+    for module in (datasets, train, jobs, adapters, generate, generations, evaluate, dashboard, login, health,
+                   metrics):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

@@ -12,9 +12,9 @@ Pages (HTML, not in the OpenAPI schema except the overview):
 The pages call the JSON API from the browser (``/static/dashboard.js``), authenticated by the
 ``styleinject_key`` cookie (``api.deps.KEY_COOKIE``: HttpOnly, SameSite=Strict).
 
-Auth for browsers: open ``/dashboard?key=<API key>`` once; the key moves into that cookie and the
-browser is redirected to ``/dashboard`` (so the key leaves the URL). ``?logout=1`` clears it.
-A bearer header works too.
+Auth for browsers: the login form (``api/routes/login.py``: ``POST /dashboard/login``) moves the key
+into that cookie; a key never travels in a URL. An old ``/dashboard?key=...`` link is redirected to
+the form without using the key. ``?logout=1`` clears the cookie. A bearer header works too.
 """
 
 from __future__ import annotations
@@ -76,28 +76,23 @@ def _page(request: Request, template: str, context: dict[str, Any]) -> Response:
     return templates.TemplateResponse(request, template, context)
 
 
-@router.get("", response_class=HTMLResponse, summary="HTML dashboard (key via ?key= once, then cookie)",
-            responses={303: {"description": "Key stored in a cookie; redirect to /dashboard"},
+@router.get("", response_class=HTMLResponse, summary="HTML dashboard (log in at /dashboard/login)",
+            responses={303: {"description": "?key= (ignored): redirect to /dashboard/login; ?logout=1"},
                        401: {"content": {"text/html": {}}, "description": "Key form"}})
 def read_dashboard(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
-    key: Annotated[str | None, Query(description="API key, moved into a cookie")] = None,
+    key: Annotated[str | None, Query(description="Deprecated and ignored (keys never go in URLs): "
+                                     "redirects to the login form")] = None,
     logout: bool = False,
 ) -> Response:
     if logout:
         response = RedirectResponse("/dashboard", status_code=303)
         response.delete_cookie(KEY_COOKIE)
         return response
-    bootstrap = settings.bootstrap_key.get_secret_value() if settings.bootstrap_key else None
-    if key is not None:
-        if authenticate(session, key, bootstrap) is None:
-            return _login(request, "That key is invalid or revoked.")
-        response = RedirectResponse("/dashboard", status_code=303)
-        response.set_cookie(KEY_COOKIE, key, httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https", max_age=30 * 24 * 3600)
-        return response
+    if key is not None:  # an old link with the key in the URL: log in by the form (api/routes/login.py)
+        return RedirectResponse("/dashboard/login", status_code=303)
     try:
         tenant = _tenant(request, session, settings)
     except _LoginNeeded as exc:

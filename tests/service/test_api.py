@@ -262,19 +262,31 @@ def test_openapi_is_complete(client):
         assert name in schema["components"]["schemas"]
 
 
-def test_dashboard_key_moves_into_a_cookie(client):
+def test_dashboard_login_is_a_form_post_never_a_url(client):
     response = client.get("/dashboard")
-    assert response.status_code == 401 and "<form" in response.text
-    assert client.get("/dashboard", params={"key": "wrong"}).status_code == 401
-    response = client.get("/dashboard", params={"key": "boot-key-for-tests"}, follow_redirects=False)
+    assert response.status_code == 401 and 'method="post" action="/dashboard/login"' in response.text
+    assert client.get("/dashboard/login").status_code == 200
+    assert client.post("/dashboard/login", data={"key": "wrong"}).status_code == 401
+    assert "set-cookie" not in client.post("/dashboard/login", data={"key": "wrong"}).headers
+    response = client.post("/dashboard/login", data={"key": "boot-key-for-tests"}, follow_redirects=False)
     assert response.status_code == 303 and response.headers["location"] == "/dashboard"
     cookie = response.headers["set-cookie"].lower()
-    assert "httponly" in cookie and "samesite=strict" in cookie
+    assert "httponly" in cookie and "samesite=strict" in cookie and "secure" not in cookie  # plain http
     page = client.get("/dashboard")  # the TestClient keeps the cookie
     assert page.status_code == 200 and "admin" in page.text and "No jobs yet" in page.text
     assert client.get("/jobs").status_code == 200  # the cookie authenticates the API too
     client.get("/dashboard", params={"logout": 1})
     assert client.get("/dashboard").status_code == 401
+    # an old link with the key in the URL: sent to the form, the key is not used
+    response = client.get("/dashboard", params={"key": "boot-key-for-tests"}, follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/dashboard/login"
+    assert "set-cookie" not in response.headers
+
+
+def test_cookie_is_secure_over_https(settings):
+    with TestClient(create_app(settings), base_url="https://testserver") as client:
+        response = client.post("/dashboard/login", data={"key": "boot-key-for-tests"}, follow_redirects=False)
+        assert response.status_code == 303 and "secure" in response.headers["set-cookie"].lower()
 
 
 def test_api_process_needs_no_torch(tmp_path):

@@ -42,7 +42,7 @@ def client(settings):
 
 @pytest.fixture
 def logged_in(client):
-    assert client.get("/dashboard", params={"key": KEY}, follow_redirects=False).status_code == 303
+    assert client.post("/dashboard/login", data={"key": KEY}, follow_redirects=False).status_code == 303
     return client
 
 

@@ -1,0 +1,80 @@
+"""Hostile uploads and secrets, in-process: bombs are refused by POST /datasets within the stated
+bound (nothing left behind), and keys never reach URLs, logs or error messages."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.core.db.migrate import upgrade
+from api.core.settings import Settings
+from api.core.storage import DATASETS, UPLOADS
+from api.main import create_app
+from styleinject.train import data
+
+KEY = "boot-key-for-hardening"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MiB = 1 << 20
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    for name in list(__import__("os").environ):
+        if name.startswith("STYLEINJECT_"):
+            monkeypatch.delenv(name)
+    settings = Settings(home=tmp_path / "home", bootstrap_key=KEY, max_upload_bytes=4 * MiB,
+                        generate_timeout_s=0.2, base_model="/models/x")
+    settings.home.mkdir(parents=True)
+    upgrade(settings.database_url)
+    return settings
+
+
+@pytest.fixture
+def client(settings):
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def _zip_bomb() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        for i in range(16):
+            with archive.open(f"{i}.png", "w") as out:
+                for _ in range(8):
+                    out.write(bytes(MiB))
+    return buffer.getvalue()
+
+
+def _tar_bomb() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=9) as archive:
+        for i in range(16):
+            info = tarfile.TarInfo(f"{i}.png")
+            info.size = 8 * MiB
+            archive.addfile(info, io.BytesIO(bytes(info.size)))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name, build", [("bomb.zip", _zip_bomb), ("bomb.tar.gz", _tar_bomb)])
+def test_upload_bombs_are_422_within_the_bound(client, settings, monkeypatch, name, build):
+    """128 MiB of zeros in ~130 KiB: refused, having written at most max(20 x upload, 1 MiB)."""
+    body = build()
+    peak: list[int] = []
+    real = data.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        peak.append(sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(data.shutil, "rmtree", rmtree)
+    response = client.post("/datasets", files={"file": (name, body)}, headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert "decompression-bomb" in response.json()["message"]
+    assert peak and max(peak) <= max(settings.max_extract_ratio * len(body), MiB)
+    assert not any((settings.artifact_root / UPLOADS).iterdir())
+    assert not (settings.artifact_root / DATASETS).exists() or not any((settings.artifact_root / DATASETS).iterdir())
