@@ -99,6 +99,31 @@ const SI = (() => {
     svg.append(title);
   }
 
+  // -- overview: while a job is active, poll GET /jobs and update its row in place -------------------
+  function overviewPage(active) {
+    if (!active) return;
+    const tick = async () => {
+      let jobs;
+      try { jobs = await api("GET", "/jobs?limit=50"); } catch (err) { return setTimeout(tick, 10000); }
+      for (const job of jobs) {
+        const row = document.querySelector(`tr[data-job="${job.id}"]`);
+        if (!row) { location.reload(); return; }  // a job started elsewhere: render the new table
+        const p = job.progress;
+        $(".c-status", row).replaceChildren(el("span", { class: `status ${job.status}`, text: job.status }));
+        if (p && p.total) {
+          const eta = p.eta_s != null && job.status === "running" ? ` · ETA ${Math.round(p.eta_s)} s` : "";
+          const bar = el("span", { class: "bar" }, el("span", { style: `width: ${Math.round(100 * p.step / p.total)}%` }));
+          $(".c-progress", row).replaceChildren(bar, ` ${p.step}/${p.total}${eta}`);
+        }
+        if (p && p.loss != null) $(".c-loss", row).textContent = Number(p.loss).toFixed(4);
+        if (job.adapter_id) $(".c-adapter", row).replaceChildren(el("code", { text: job.adapter_id }));
+        if (job.error) $(".c-error", row).replaceChildren(el("span", { class: "clip", title: job.error, text: job.error }));
+      }
+      if (jobs.some(j => ["queued", "running"].includes(j.status))) setTimeout(tick, 3000);
+    };
+    setTimeout(tick, 3000);
+  }
+
   // -- job page ------------------------------------------------------------------------------------
   function jobPage(jobId) {
     const initial = JSON.parse($("#initial").textContent);
@@ -334,5 +359,5 @@ const SI = (() => {
     });
   }
 
-  return { api, lineChart, jobPage, playgroundPage, datasetsPage };
+  return { api, lineChart, overviewPage, jobPage, playgroundPage, datasetsPage };
 })();

@@ -181,21 +181,29 @@ def test_job_page_updates_live_and_wraps_errors(desktop, phone, service):
     desktop.login()
     page = desktop.page
     desktop.goto("/dashboard")
+    row = f"tr[data-job='{job_id}']"
+    assert "5/40" in page.inner_text(f"{row} .c-progress")
+    page.evaluate("window.__notReloaded = true")
+    lease.report({"step": 6, "total": 40, "loss": 1.0 / 6, "lr": 1e-4}, force=True)
+    page.wait_for_function(f"document.querySelector(\"{row} .c-progress\").textContent.includes('6/40')",
+                           timeout=15000)  # the overview polls GET /jobs while a job is active
+    assert page.evaluate("window.__notReloaded") is True
+
     page.click(f"a[href='/dashboard/jobs/{job_id}']")  # the jobs table links to the job page
     page.wait_for_selector("#loss-chart svg path.series")
-    assert page.get_attribute("#loss-chart", "data-points") == "5"
+    assert page.get_attribute("#loss-chart", "data-points") == "6"
     assert page.inner_text("#status") == "running"
     page.evaluate("window.__notReloaded = true")
 
     with session_scope(settings.database_url) as session:
         session.add(Checkpoint(job_id=job_id, step=10, path=str(service["root"] / "ckpt-10")))
         record_event(session, job_id, "checkpoint", {"step": 10, "name": "step-000010"})
-    for step in range(6, 13):
+    for step in range(7, 13):
         lease.report({"step": step, "total": 40, "loss": 0.5 / step, "lr": 1e-4}, force=True)
         time.sleep(0.1)
     # the stream polls the row (0.5 s), so it may skip points written faster: the newest one arrives
     page.wait_for_function("document.querySelector('#progress-text').textContent === '12 / 40'", timeout=15000)
-    assert int(page.get_attribute("#loss-chart", "data-points")) > 5
+    assert int(page.get_attribute("#loss-chart", "data-points")) > 6
     page.wait_for_selector("#checkpoints tr:has-text('10')")
     desktop.shot("job-running")
 
