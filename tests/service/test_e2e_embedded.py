@@ -76,13 +76,28 @@ def test_embedded_train_then_generate(embedded, tmp_path):
     assert flow["adapter"]["base_model"] == str(TOY_BASE)
     assert Path(service.artifact_root / "jobs" / flow["job"]["id"] / "adapter_model.safetensors").is_file()
 
-    # the dashboard: key once in the URL -> cookie -> HTML with the job and the adapter
+    # the dashboard: the login form POSTs the key -> cookie -> HTML with the job and the adapter
     with httpx.Client(base_url=service.base_url, timeout=30) as browser:
-        response = browser.get("/dashboard", params={"key": key}, follow_redirects=True)
+        response = browser.post("/dashboard/login", data={"key": key}, follow_redirects=True)
         assert response.status_code == 200 and "text/html" in response.headers["content-type"]
         assert flow["job"]["id"] in response.text and flow["adapter"]["id"] in response.text
         assert key not in str(response.url)
+        # an old link with the key in the URL still lands on the login form (the key unused)
+        response = browser.get("/dashboard", params={"key": key}, follow_redirects=True)
+        assert response.status_code == 200 and str(response.url).endswith("/dashboard/login")
+        # a wrong key, a bad body: errors never repeat key material
+        bad = browser.post("/generate", json={"prompt": "x", "width": key}, headers={"Authorization": f"Bearer {key}"})
+        assert bad.status_code == 422 and key not in bad.text
     assert httpx.get(f"{service.base_url}/dashboard").status_code == 401
+
+    # after login, upload, train and generate, the server's log (API access log + both workers)
+    # holds no key material: the key never appears, a ?key= request is logged redacted
+    log = service.procs[0].log_path.read_text(errors="replace")
+    assert key not in log and key.split("_")[-1] not in log
+    assert "key=[redacted]" in log and '"POST /dashboard/login HTTP/1.1" 303' in log
+    # the only key in the log is the first-start admin key, printed once by design (key + curl line)
+    first = re.search(r"first start: an API key .*\n\s+(si_\S+)", log).group(1)
+    assert set(re.findall(r"si_[0-9a-f]{12}_[A-Za-z0-9_\-]+", log)) == {first} and log.count(first) == 2
 
 
 def test_first_generate_uses_the_demo_models_own_defaults(embedded):
