@@ -32,7 +32,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.auth import authenticate
-from api.core.db.models import Adapter, Dataset, Job, Tenant
+from api.core.db.models import Adapter, Dataset, EvalScore, Job, Tenant
 from api.core.jobs import history
 from api.core.settings import Settings
 from api.deps import KEY_COOKIE, SessionDep, SettingsDep
@@ -101,8 +101,13 @@ def read_dashboard(
         select(Job).where(Job.tenant_id == tenant.id).order_by(Job.created_at.desc()).limit(50))]
     adapters = list(session.scalars(
         select(Adapter).where(Adapter.tenant_id == tenant.id).order_by(Adapter.created_at.desc()).limit(50)))
+    scores: dict[str, dict[str, float]] = {}  # adapter id -> metric -> newest value
+    if adapters:
+        for row in session.scalars(select(EvalScore).where(EvalScore.adapter_id.in_([a.id for a in adapters]))
+                                   .order_by(EvalScore.created_at)):
+            scores.setdefault(row.adapter_id, {})[row.metric] = row.value
     return _page(request, "dashboard.html",
-                 {"tenant": tenant, "jobs": jobs, "adapters": adapters, "nav": "jobs",
+                 {"tenant": tenant, "jobs": jobs, "adapters": adapters, "scores": scores, "nav": "jobs",
                   "active": any(j.status in ("queued", "running") for j in jobs)})
 
 

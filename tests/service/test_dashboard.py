@@ -129,13 +129,22 @@ def test_job_page_queue_position_and_ownership(logged_in, settings):
 
 
 def test_playground_lists_own_adapters_and_limits(logged_in, settings):
-    from api.core.db.models import Adapter
+    from sqlalchemy import select
+
+    from api.core.db.models import Adapter, EvalScore
 
     with session_scope(settings.database_url) as session:
         mine = get_or_create_tenant(session, "admin")
         theirs = get_or_create_tenant(session, "mallory")
         session.add(Adapter(tenant_id=mine.id, name="stripes", kind="finetune", base_model="m", path="/x"))
         session.add(Adapter(tenant_id=theirs.id, name="secret", kind="finetune", base_model="m", path="/y"))
+    with session_scope(settings.database_url) as session:
+        adapter = session.scalar(select(Adapter).where(Adapter.name == "stripes"))
+        session.add(EvalScore(adapter_id=adapter.id, metric="clipscore", value=0.25))
+        session.flush()
+        session.add(EvalScore(adapter_id=adapter.id, metric="clipscore", value=0.3125))
+    overview = logged_in.get("/dashboard").text
+    assert "clipscore 0.3125" in overview and "secret" not in overview  # newest score per metric
     html = logged_in.get("/dashboard/playground").text
     assert 'data-name="stripes"' in html and "secret" not in html
     assert f'max="{settings.max_inference_steps}"' in html and 'id="compare"' in html
