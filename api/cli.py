@@ -75,7 +75,8 @@ def _serve(args) -> int:
     settings = _settings(args)
     _check_port_free(args.host, args.port)
     settings.home.mkdir(parents=True, exist_ok=True)
-    settings.artifact_root.mkdir(parents=True, exist_ok=True)
+    if not settings.object_storage:
+        settings.artifact_root.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
     first_key = None
     if not settings.bootstrap_key:

@@ -49,14 +49,10 @@ def _message(exc: BaseException) -> str:
 
 
 def _local(store: ArtifactStore, path: str | None) -> str | None:
-    """A stored artifact path as a local folder or file (fetched into the cache if the store is
-    remote); paths outside the store (a hub id, a mounted model folder) are returned unchanged."""
-    if not path:
-        return path
-    ref = store.locate(path)
-    if ref is not None:
-        store.get_dir(*ref)
-    return path
+    """A stored artifact path (possibly written on another machine) as a local folder or file here,
+    fetched into the cache if the store is remote; paths outside the store (a hub id, a mounted
+    model folder) are returned unchanged."""
+    return store.localise(path) if path else path
 
 
 # -- training ---------------------------------------------------------------------------------------
@@ -274,6 +270,8 @@ def evaluate(self, job_id: str) -> dict[str, Any]:
             return {"job_id": job_id, "status": "failed"}
     if lease.lost:
         return {"job_id": job_id, "status": "lost"}
+    if store.path_for(JOBS, job_id).is_dir():  # the evaluation's images outlive this machine
+        store.put_dir(JOBS, job_id, store.path_for(JOBS, job_id))
     overall = report["summary"]["overall"]
     with session_scope(settings.database_url) as session:
         if session.get(Adapter, params["adapter_id"]) is not None:

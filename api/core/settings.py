@@ -34,7 +34,15 @@ class Settings(BaseSettings):
     # Prefix for every Redis key the broker writes (kombu ``global_keyprefix``), so several
     # deployments (or test runs) can share one Redis.
     broker_key_prefix: str = ""
-    artifact_root: Path | None = None
+    # A local folder, or object storage: s3://bucket/prefix (AWS S3, MinIO, R2; docs/ops.md). Then
+    # each process keeps what it fetches in artifact_cache_dir (default home/artifact-cache), at most
+    # artifact_cache_bytes (least recently used first); s3_endpoint_url for MinIO / R2, credentials
+    # from the usual AWS_* variables or ~/.aws.
+    artifact_root: Path | str | None = None
+    artifact_cache_dir: Path | None = None
+    artifact_cache_bytes: int = 20 * 1024**3
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
     base_model: str | None = None
     bootstrap_key: SecretStr | None = None
     # Evaluation scorer weights (hub ids or local folders), JSON: {"clipscore": "/models/clip", ...}
@@ -81,7 +89,11 @@ class Settings(BaseSettings):
         self.home = Path(self.home).expanduser().resolve()
         if self.artifact_root is None:
             self.artifact_root = self.home / "artifacts"
-        self.artifact_root = Path(self.artifact_root).expanduser().resolve()
+        if not self.object_storage:
+            self.artifact_root = Path(self.artifact_root).expanduser().resolve()
+        if self.artifact_cache_dir is None:
+            self.artifact_cache_dir = self.home / "artifact-cache"
+        self.artifact_cache_dir = Path(self.artifact_cache_dir).expanduser().resolve()
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.home / 'styleinject.db'}"
         if self.broker_url is None:
@@ -96,6 +108,11 @@ class Settings(BaseSettings):
     @property
     def visibility_timeout_s(self) -> int:
         return self.job_time_limit_s + 3600
+
+    @property
+    def object_storage(self) -> bool:
+        """STYLEINJECT_ARTIFACT_ROOT is an s3:// URL (not a local folder)."""
+        return isinstance(self.artifact_root, str) and self.artifact_root.startswith("s3://")
 
     @property
     def embedded(self) -> bool:
