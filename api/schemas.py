@@ -85,8 +85,10 @@ class TrainRequest(BaseModel):
     kind: TrainKind = "finetune"
     dataset_id: str
     name: str | None = Field(None, max_length=255, description="Adapter name (default: job id)")
-    base_model: str | None = Field(None, description="Hub id or local path; default: the server's")
-    teacher_model: str | None = Field(None, description="distill only: the teacher checkpoint")
+    base_model: str | None = Field(None, max_length=100, description="A registered model's name (GET /models); "
+                                   "default: the server's base model")
+    teacher_model: str | None = Field(None, max_length=100, description="distill only: a registered model's name "
+                                      "(GET /models)")
     steps: int = Field(_train_default("steps"), ge=1)
     resolution: int | None = Field(_train_default("resolution"), ge=8, le=2048, multiple_of=8,
                                    description="Training image side; default: the base model's native size")
@@ -281,6 +283,20 @@ class EvaluateRequest(BaseModel):
     height: int | None = Field(None, ge=8, le=2048, multiple_of=8)
     negative_prompt: str | None = None
     adapter_scale: float | None = Field(None, ge=-4, le=4)
+
+
+class ModelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="What tenants call it")
+    source: str = Field(min_length=1, max_length=1000, description="Hub id, diffusers folder or single-file "
+                        ".safetensors checkpoint, as the workers see it")
+
+
+class ModelOut(BaseModel):
+    name: str
+    source: str | None = Field(None, description="Shown to the admin only")
+    created_at: datetime
 
 
 class HealthOut(BaseModel):
