@@ -1,4 +1,4 @@
-"""Service commands: serve, apikey, db. ``styleinject <command>`` or ``python -m api.cli``.
+"""Service commands: serve, apikey, model, db. ``styleinject <command>`` or ``python -m api.cli``.
 
 The library CLI finds this module through the ``styleinject.commands`` entry point group
 (pyproject.toml) and calls ``add_commands``; ``worker`` comes from ``worker.cli`` the same way.
@@ -35,6 +35,25 @@ def add_commands(subparsers) -> None:
     revoke.add_argument("key", help="the key, its 12-character prefix or its id")
     _home(revoke)
     revoke.set_defaults(func=_apikey_revoke)
+
+    model = subparsers.add_parser("model", help="register base and teacher models (tenants name them)")
+    models = model.add_subparsers(dest="model_command", required=True, metavar="{add,list,remove}")
+    add = models.add_parser("add", help="register a model under a name",
+                            description="Tenants refer to models by these names in POST /train "
+                            "(base_model, teacher_model); they never pass paths or hub ids.")
+    add.add_argument("name", help="what tenants call it, e.g. sd15")
+    add.add_argument("source", metavar="PATH_OR_HUB_ID",
+                     help="hub id, diffusers folder or single-file .safetensors checkpoint (as the workers see it)")
+    add.add_argument("--replace", action="store_true", help="change the source of an existing name")
+    _home(add)
+    add.set_defaults(func=_model_add)
+    mlist = models.add_parser("list", help="list registered models")
+    _home(mlist)
+    mlist.set_defaults(func=_model_list)
+    remove = models.add_parser("remove", help="unregister a model (jobs already queued keep their source)")
+    remove.add_argument("name")
+    _home(remove)
+    remove.set_defaults(func=_model_remove)
 
     db = subparsers.add_parser("db", help="database migrations (Alembic)")
     steps = db.add_subparsers(dest="db_command", required=True, metavar="{upgrade,downgrade}")
@@ -85,6 +104,11 @@ def _serve(args) -> int:
 
         with session_scope(settings.database_url) as session:
             first_key = first_start_key(session)
+    from api.core.db.session import session_scope
+    from api.core.registry import register_demo_model
+
+    with session_scope(settings.database_url) as session:
+        register_demo_model(session)  # the toy model, as "demo" (tenants name models, never paths)
     if not settings.base_model:
         print(f"base model: the toy demo model ({settings.resolved_base_model()}): it draws shapes at 32 x 32, "
               "e.g. 'two red circles on a white background'; set STYLEINJECT_BASE_MODEL to a Stable "
@@ -259,6 +283,50 @@ def _db_downgrade(args) -> int:
     from api.core.db.migrate import downgrade
 
     downgrade(_settings(args).database_url, args.revision)
+    return 0
+
+
+# -- model -------------------------------------------------------------------------------------------
+
+def _model_add(args) -> int:
+    import sys
+
+    from api.core.db.session import session_scope
+    from api.core.registry import RegistryError, add_model
+
+    settings = _settings(args)
+    try:
+        with session_scope(settings.database_url) as session:
+            row = add_model(session, args.name, args.source, replace=args.replace)
+            print(f"registered model {row.name!r}: {row.source}")
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _model_list(args) -> int:
+    from api.core.db.session import session_scope
+    from api.core.registry import list_models
+
+    settings = _settings(args)
+    with session_scope(settings.database_url) as session:
+        for row in list_models(session):
+            print(f"{row.name}\t{row.source}")
+    return 0
+
+
+def _model_remove(args) -> int:
+    import sys
+
+    from api.core.db.session import session_scope
+    from api.core.registry import remove_model
+
+    with session_scope(_settings(args).database_url) as session:
+        if not remove_model(session, args.name):
+            print(f"error: no model named {args.name!r}", file=sys.stderr)
+            return 1
+    print(f"removed model {args.name!r}")
     return 0
 
 

@@ -22,7 +22,8 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import __version__, metrics
-from api.routes import adapters, dashboard, datasets, evaluate, generate, generations, health, jobs, login, train
+from api.routes import (adapters, dashboard, datasets, evaluate, generate, generations, health, jobs, login, models,
+                        train)
 from api.core.celery import make_celery
 from api.core.settings import Settings, get_settings
 from api.core.storage import make_store
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "jobs", "description": "Training and evaluation jobs"},
             {"name": "adapters", "description": "Trained adapters"},
             {"name": "generate", "description": "Text-to-image with an optional adapter"},
+            {"name": "models", "description": "Registered base and teacher models"},
             {"name": "dashboard", "description": "HTML overview"},
             {"name": "health", "description": "Liveness"},
         ],
@@ -80,8 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyGuard, max_bytes=settings.max_json_bytes, max_depth=settings.max_json_depth)
     app.add_middleware(metrics.RequestMetrics)  # outermost: BodyGuard's 413/415 answers are counted
     install_log_redaction()  # no key material in the access log (?key=...), ours or uvicorn's
-    for module in (datasets, train, jobs, adapters, generate, generations, evaluate, dashboard, login, health,
-                   metrics):
+    for module in (datasets, train, jobs, adapters, generate, generations, evaluate, models, dashboard, login,
+                   health, metrics):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

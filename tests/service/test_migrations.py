@@ -14,7 +14,7 @@ from api.core.db.models import Base
 from tests.service.conftest import REPO, service_env
 
 TABLES = {"tenants", "api_keys", "datasets", "jobs", "job_events", "adapters", "checkpoints", "eval_scores",
-          "generation_requests"}
+          "generation_requests", "models"}
 
 
 def _tables(url: str) -> set[str]:

@@ -261,3 +261,16 @@ class GenerationRequest(Base):
     worker_id: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class RegisteredModel(Base):
+    """A base or teacher model an admin registered (``styleinject model add NAME SOURCE``); tenants
+    name it in ``POST /train`` and never pass a path or hub id themselves."""
+
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    # a hub id, a local diffusers folder or a single-file .safetensors checkpoint (as the worker sees it)
+    source: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
