@@ -67,6 +67,8 @@ def test_serve_prints_where_things_are(embedded):
     assert match, log
     with service.client(match.group(1)) as client:
         assert client.get("/jobs").status_code == 200
+        # the toy demo model is registered on first start: tenants name models, never paths
+        assert {"name": "demo", "source": str(TOY_BASE)}.items() <= client.get("/models").json()[0].items()
 
 
 def test_embedded_train_then_generate(embedded, tmp_path):
