@@ -95,6 +95,35 @@ def redis_url() -> str:
     return REDIS_URL
 
 
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (a thread of the test process; real HTTP): its endpoint URL.
+    Clients authenticate with the dummy keys in S3_ENV."""
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    for key, value in S3_ENV.items():
+        os.environ.setdefault(key, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def make_bucket(endpoint: str) -> str:
+    import boto3
+
+    name = f"si-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **{
+        "aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
+    }).create_bucket(Bucket=name)
+    return name
+
+
 # -- tiny models and datasets -----------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

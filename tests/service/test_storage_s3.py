@@ -3,7 +3,6 @@ HTTP, real boto3), and the S3 store's cache: cross-machine paths, size bound, co
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -13,33 +12,11 @@ import pytest
 
 from api.core.settings import Settings
 from api.core.storage import DATASETS, GENERATIONS, JOBS, LocalArtifactStore, S3ArtifactStore, make_store
-from tests.service.conftest import free_port
-
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="session")
-def s3_server():
-    """moto's S3 server in a thread of this process, on 127.0.0.1: its endpoint URL."""
-    pytest.importorskip("moto")
-    from moto.server import ThreadedMotoServer
-
-    for key, value in S3_ENV.items():
-        os.environ.setdefault(key, value)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
+from tests.service.conftest import make_bucket
 
 @pytest.fixture
 def bucket(s3_server) -> str:
-    import boto3
-
-    name = f"si-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
-    return name
+    return make_bucket(s3_server)
 
 
 def s3_store(s3_server, bucket, cache: Path, **options) -> S3ArtifactStore:
