@@ -122,7 +122,7 @@ def test_metrics_port_serves_without_auth(settings):
         httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
-def test_multiprocess_mode_sums_processes(tmp_path):
+def test_prometheus_multiproc_dir_sums_processes(tmp_path):
     """Two processes write into PROMETHEUS_MULTIPROC_DIR; a third renders the sum."""
     folder = tmp_path / "prom"
     folder.mkdir()
