@@ -54,11 +54,14 @@ const SI = (() => {
     return points.map(([x, y]) => { n++; avg = weight * avg + (1 - weight) * y; return [x, avg / (1 - Math.pow(weight, n))]; });
   }
 
-  function lineChart(container, points, { color = "#2a6fdb", empty = "no data yet", digits = 3, smoothed = false, xmax = 0 } = {}) {
+  function lineChart(container, points, { color = "#2a6fdb", empty = "no data yet", digits = 3, smoothed = false, xmax = 0,
+                                         label = "value by step" } = {}) {
     container.replaceChildren();
     container.dataset.points = points.length;
     const W = 560, H = 220, L = 58, R = 12, T = 10, B = 28;
-    const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", preserveAspectRatio: "xMidYMid meet" });
+    const last = points[points.length - 1];
+    const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", preserveAspectRatio: "xMidYMid meet",
+                               "aria-label": last ? `${label}: ${points.length} points, last ${last[1]} at step ${last[0]}` : `${label}: ${empty}` });
     container.append(svg);
     if (!points.length) {
       const t = svgEl("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" });
@@ -92,7 +95,6 @@ const SI = (() => {
     } else {
       svg.append(svgEl("path", { d: path(points), fill: "none", stroke: color, "stroke-width": 2, class: "series" }));
     }
-    const last = points[points.length - 1];
     svg.append(svgEl("circle", { cx: X(last[0]), cy: Y(last[1]), r: 3.5, fill: color }));
     const title = svgEl("title", {});
     title.textContent = `step ${last[0]}: ${last[1]}`;
@@ -140,9 +142,10 @@ const SI = (() => {
     };
     let total = (initial.job.progress && initial.job.progress.total) || initial.job.params.steps || 0;
     const draw = () => {  // the x axis spans the whole run, so the curve grows from left to right
-      const empty = "waiting for the first progress point";
-      lineChart($("#loss-chart"), loss, { empty, smoothed: true, xmax: total });
-      lineChart($("#lr-chart"), lr, { color: "#c2671b", empty, xmax: total });
+      const live = ["queued", "running"].includes($("#status").textContent);
+      const empty = live ? "waiting for the first progress point" : "no progress points recorded";
+      lineChart($("#loss-chart"), loss, { empty, smoothed: true, xmax: total, label: "training loss" });
+      lineChart($("#lr-chart"), lr, { color: "#c2671b", empty, xmax: total, label: "learning rate" });
       $("#loss-count").textContent = loss.length ? `(${loss.length} points)` : "";
     };
     const log = (html) => {
@@ -161,6 +164,7 @@ const SI = (() => {
         log(el("span", { class: `status ${job.status}`, text: job.status }));
         status.textContent = job.status;
         status.className = `status ${job.status}`;
+        draw();
       }
       const p = job.progress;
       if (p && p.total) {
