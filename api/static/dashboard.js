@@ -118,7 +118,10 @@ const SI = (() => {
           $(".c-progress", row).replaceChildren(bar, ` ${p.step}/${p.total}${eta}`);
         }
         if (p && p.loss != null) $(".c-loss", row).textContent = Number(p.loss).toFixed(4);
-        if (job.adapter_id) $(".c-adapter", row).replaceChildren(el("code", { text: job.adapter_id }));
+        if (job.adapter_id) {
+          $(".c-adapter", row).replaceChildren(el("a", { href: `/dashboard/playground?adapter=${job.adapter_id}` },
+            el("code", { title: job.adapter_id, text: job.adapter_id.slice(0, 8) })));
+        }
         if (job.error) $(".c-error", row).replaceChildren(el("span", { class: "clip", title: job.error, text: job.error }));
       }
       if (jobs.some(j => ["queued", "running"].includes(j.status))) setTimeout(tick, 3000);
