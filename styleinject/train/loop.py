@@ -200,7 +200,8 @@ def run_training(cfg: TrainConfig, progress: Callable[[Progress], None] | None =
         ckpt.remove_partial(out)
         (out / CONFIG_RECORD).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
     set_seed(cfg.seed)
-    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
+    # one noise stream for all data-parallel processes: each keeps its rows of the global draw (losses.py)
+    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
 
     # -- 1. load models, inject the adapter ---------------------------------------------------
     weight_dtype = _weight_dtype(cfg.mixed_precision)

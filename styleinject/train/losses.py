@@ -17,13 +17,24 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch
         return text_encoder(ids)[0]
 
 
+def _global_draw(ctx: TrainContext, draw, rows: int):
+    """This process's rows of a draw for the global batch. Data-parallel processes share one noise
+    generator (same seed, same calls) and each draw ``rows x num_processes`` rows, then keep their own
+    slice, so N processes with batch b use exactly the noise of one process with batch N x b (the
+    sampler splits the data the same way; tests/train/test_multiprocess.py)."""
+    n, index = ctx.accelerator.num_processes, ctx.accelerator.process_index
+    return draw(rows * n)[index * rows:(index + 1) * rows] if n > 1 else draw(rows)
+
+
 def encode_images(ctx: TrainContext, pixel_values: torch.Tensor) -> torch.Tensor:
     vae = ctx.models.vae
     pixel_values = pixel_values.to(ctx.device, dtype=vae.dtype)
     with torch.no_grad():
         dist = vae.encode(pixel_values).latent_dist
     # z ~ N(mean, std) with our generator (the VAE's own sample() would use the global RNG)
-    noise = torch.randn(dist.mean.shape, generator=ctx.generator, device=ctx.device, dtype=dist.mean.dtype)
+    shape = dist.mean.shape
+    noise = _global_draw(ctx, lambda rows: torch.randn((rows, *shape[1:]), generator=ctx.generator, device=ctx.device,
+                                                       dtype=dist.mean.dtype), shape[0])
     latents = dist.mean + dist.std * noise
     return latents * vae.config.scaling_factor
 
@@ -32,9 +43,11 @@ def add_noise(ctx: TrainContext, latents: torch.Tensor):
     """z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps, t ~ U{0..T-1}; returns (z_t, eps, t)."""
     sched = ctx.models.noise_scheduler
     latents = latents.to(ctx.device, dtype=torch.float32)
-    noise = torch.randn(latents.shape, generator=ctx.generator, device=ctx.device)
-    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=ctx.generator,
-                      device=ctx.device).long()
+    rows = latents.shape[0]
+    noise = _global_draw(ctx, lambda n: torch.randn((n, *latents.shape[1:]), generator=ctx.generator,
+                                                    device=ctx.device), rows)
+    t = _global_draw(ctx, lambda n: torch.randint(0, sched.config.num_train_timesteps, (n,), generator=ctx.generator,
+                                                  device=ctx.device), rows).long()
     return sched.add_noise(latents, noise, t), noise, t
 
 
