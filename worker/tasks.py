@@ -162,7 +162,12 @@ def train(self, job_id: str) -> dict[str, Any]:
 
             cfg = _train_config(job, data_path, output_dir)
             try:
-                result = run_training(cfg, progress=on_progress, should_cancel=lease.should_cancel)
+                if settings.train_processes > 1:  # one process per GPU, the same loop (rank 0 reports)
+                    from worker.distributed import run_launched
+
+                    result = run_launched(cfg, settings.train_processes, on_progress, lease.should_cancel)
+                else:
+                    result = run_training(cfg, progress=on_progress, should_cancel=lease.should_cancel)
             finally:
                 training_done(job["kind"])
         except SoftTimeLimitExceeded:

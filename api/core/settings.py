@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     tenant_max_pending_generations: int = 256
     tenant_max_generation_cost: int = 2 * 150 * 1024 * 1024 * 4
 
+    # Data-parallel processes per training job (one per GPU the worker owns): above 1 the train task
+    # runs the loop under `accelerate launch` (worker/distributed.py); gloo on the CPU without CUDA.
+    train_processes: int = 1
+
     # Metrics (docs/ops.md): GET /metrics takes an admin key or this token; with a port set the API
     # and each worker also serve the page, without auth, on that port (keep it on a private network).
     metrics_token: SecretStr | None = None
