@@ -54,8 +54,10 @@ const SI = (() => {
     return points.map(([x, y]) => { n++; avg = weight * avg + (1 - weight) * y; return [x, avg / (1 - Math.pow(weight, n))]; });
   }
 
+  // One line (optionally smoothed) plus `extra` lines [{name, points, color}] on the same axes,
+  // with a legend when there are several.
   function lineChart(container, points, { color = "#2a6fdb", empty = "no data yet", digits = 3, smoothed = false, xmax = 0,
-                                         label = "value by step" } = {}) {
+                                         label = "value by step", name = null, extra = [] } = {}) {
     container.replaceChildren();
     container.dataset.points = points.length;
     const W = 560, H = 220, L = 58, R = 12, T = 10, B = 28;
@@ -69,7 +71,8 @@ const SI = (() => {
       svg.append(t);
       return;
     }
-    const xs = points.map(p => p[0]), ys = points.map(p => p[1]);
+    const all = points.concat(...extra.map(s => s.points));
+    const xs = all.map(p => p[0]), ys = all.map(p => p[1]);
     const xa = niceTicks(Math.min(0, ...xs), Math.max(...xs, xmax, 1), 6), ya = niceTicks(Math.min(...ys), Math.max(...ys), 4);
     const X = x => L + (x - xa.lo) / (xa.hi - xa.lo) * (W - L - R);
     const Y = y => T + (1 - (y - ya.lo) / (ya.hi - ya.lo)) * (H - T - B);
@@ -95,7 +98,18 @@ const SI = (() => {
     } else {
       svg.append(svgEl("path", { d: path(points), fill: "none", stroke: color, "stroke-width": 2, class: "series" }));
     }
+    for (const s of extra) {
+      if (s.points.length) svg.append(svgEl("path", { d: path(s.points), fill: "none", stroke: s.color, "stroke-width": 1.5, class: "series" }));
+    }
     svg.append(svgEl("circle", { cx: X(last[0]), cy: Y(last[1]), r: 3.5, fill: color }));
+    if (extra.length) {
+      const legend = el("div", { class: "legend" });
+      for (const s of [{ name: name || label, color, points }, ...extra]) {
+        const at = s.points[s.points.length - 1];
+        legend.append(el("span", {}, el("i", { style: `background: ${s.color}` }), ` ${s.name}${at ? ` ${fmt(at[1], 3)}` : ""}`));
+      }
+      container.append(legend);
+    }
     const title = svgEl("title", {});
     title.textContent = `step ${last[0]}: ${last[1]}`;
     svg.append(title);
@@ -132,7 +146,8 @@ const SI = (() => {
   // -- job page ------------------------------------------------------------------------------------
   function jobPage(jobId) {
     const initial = JSON.parse($("#initial").textContent);
-    const loss = [], lr = [];
+    const loss = [], lr = [], terms = {};  // terms: a multi-term loss's parts (distill), by name
+    const palette = ["#2a6fdb", "#c2671b", "#2f9e44", "#9c36b5", "#e03131", "#0b7285"];
     const checkpoints = new Set(initial.job.checkpoints.map(c => c.id));
     let lastStep = -1;
 
@@ -141,6 +156,7 @@ const SI = (() => {
       lastStep = p.step;
       if (p.loss !== null && p.loss !== undefined) loss.push([p.step, p.loss]);
       if (p.lr !== null && p.lr !== undefined) lr.push([p.step, p.lr]);
+      for (const [k, v] of Object.entries(p.terms || {})) if (v !== null && v !== undefined) (terms[k] ||= []).push([p.step, v]);
       return true;
     };
     let total = (initial.job.progress && initial.job.progress.total) || initial.job.params.steps || 0;
@@ -149,7 +165,13 @@ const SI = (() => {
       const empty = live ? "waiting for the first progress point" : "no progress points recorded";
       lineChart($("#loss-chart"), loss, { empty, smoothed: true, xmax: total, label: "training loss" });
       lineChart($("#lr-chart"), lr, { color: "#c2671b", empty, xmax: total, label: "learning rate" });
-      $("#loss-count").textContent = loss.length ? `(${loss.length} points)` : "";
+      const names = Object.keys(terms).sort();
+      if (names.length) {
+        $("#terms-figure").hidden = false;
+        lineChart($("#terms-chart"), terms[names[0]], { name: names[0], color: palette[0], xmax: total, label: "loss terms",
+          extra: names.slice(1).map((n, i) => ({ name: n, points: terms[n], color: palette[(i + 1) % palette.length] })) });
+      }
+      $("#loss-count").textContent = loss.length ? `(${loss.length} points; bold: smoothed)` : "";
     };
     const log = (html) => {
       const stamp = new Date().toISOString().slice(0, 19).replace("T", " ");

@@ -176,7 +176,8 @@ def test_job_page_updates_live_and_wraps_errors(desktop, phone, service):
     lease = JobLease(settings, job_id, "browser-test-worker")
     assert lease.claim().status == "claimed"
     for step in range(1, 6):
-        lease.report({"step": step, "total": 40, "loss": 1.0 / step, "lr": 1e-4}, force=True)
+        lease.report({"step": step, "total": 40, "loss": 1.0 / step, "lr": 1e-4,
+                      "terms": {"loss_out_kd": 0.6 / step, "loss_feat_kd": 0.4 / step}}, force=True)
 
     desktop.login()
     page = desktop.page
@@ -192,6 +193,8 @@ def test_job_page_updates_live_and_wraps_errors(desktop, phone, service):
     page.click(f"a[href='/dashboard/jobs/{job_id}']")  # the jobs table links to the job page
     page.wait_for_selector("#loss-chart svg path.series")
     assert page.get_attribute("#loss-chart", "data-points") == "6"
+    assert page.is_visible("#terms-figure")  # per-term losses (distill) get their own chart
+    assert "loss_feat_kd" in page.inner_text("#terms-chart .legend") and "loss_out_kd" in page.inner_text("#terms-chart")
     assert page.inner_text("#status") == "running"
     page.evaluate("window.__notReloaded = true")
 
