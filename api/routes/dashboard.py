@@ -2,7 +2,8 @@
 
 Pages (HTML, not in the OpenAPI schema except the overview):
 
-- ``/dashboard``: jobs (linked to their page), adapters, datasets.
+- ``/dashboard``: jobs (linked to their page, updated in place while one is active) and adapters
+  (with their newest eval scores).
 - ``/dashboard/jobs/{id}``: parameters, status, queue position, live loss and learning-rate curves
   (history from ``job_events``, then ``GET /jobs/{id}/events``), checkpoints, the event log, errors.
 - ``/dashboard/playground``: ``POST /generate`` with several adapters and weights, and a compare view
