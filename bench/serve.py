@@ -51,7 +51,8 @@ def random_adapters(unet_factory, folder: Path, count: int, cfg: StyleInjectConf
     return paths
 
 
-def throughput(pipe, adapters: list[str], steps: int, repeats: int) -> list[tuple[str, float]]:
+def throughput(make_pipe, adapters: list[str], steps: int, repeats: int) -> list[tuple[str, float]]:
+    pipe = make_pipe()
     size = generation_defaults(pipe)["width"]
     requests = [Request("two red circles on a white background", seed=i, steps=steps, width=size, height=size,
                         adapters=[AdapterRef(a)]) for i, a in enumerate(adapters)]
@@ -75,11 +76,11 @@ def throughput(pipe, adapters: list[str], steps: int, repeats: int) -> list[tupl
     return [(f"{n} requests one by one (anchor)", n / one_by_one), (f"{n} requests concurrently, batched", n / concurrent)]
 
 
-def step_cost(pipe, adapters: list[str], repeats: int) -> list[tuple[str, float]]:
-    size = generation_defaults(pipe)["width"]
+def step_cost(make_pipe, adapters: list[str], repeats: int) -> list[tuple[str, float]]:
+    size = generation_defaults(make_pipe())["width"]
 
     def timed_batch(refs: list[str]) -> float:
-        engine = Engine(pipe, max_batch=256, slots=len(adapters) + 1, autostart=False)
+        engine = Engine(make_pipe(), max_batch=256, slots=len(adapters) + 1, autostart=False)
         for i, a in enumerate(refs):
             engine.submit(Request("a blue star", seed=i, steps=1000, width=size, height=size, adapters=[AdapterRef(a)]))
         engine.step()  # admit all (and warm up)
@@ -172,7 +173,8 @@ def swaps(repeats: int, device: str, dtype: torch.dtype) -> list[tuple[str, floa
         return rows
 
 
-def latency_under_training(pipe, model: str, adapters: list[str], repeats: int) -> list[tuple[str, float]]:
+def latency_under_training(make_pipe, model: str, adapters: list[str], repeats: int) -> list[tuple[str, float]]:
+    pipe = make_pipe()
     size = generation_defaults(pipe)["width"]
     engine = Engine(pipe)
     request = Request("one green triangle", seed=0, width=size, height=size, adapters=[AdapterRef(adapters[0])])
@@ -235,16 +237,20 @@ def main():
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, device {args.device} "
           f"{args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
-    pipe = load_pipeline(args.model, device=args.device, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
+    def fresh_pipe():  # one engine per pipeline: each measurement gets its own
+        pipe = load_pipeline(args.model, device=args.device, dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    pipe = fresh_pipe()
     with tempfile.TemporaryDirectory() as tmp:
         adapters = random_adapters(lambda: pipe.unet.__class__.from_config(pipe.unet.config).to(args.device, dtype),
                                    Path(tmp), 16)
         steps = args.steps or generation_defaults(pipe)["steps"]
-        table(f"throughput, {steps} steps, 16 adapters", "requests/s", throughput(pipe, adapters, steps, args.repeats))
-        table("one UNet step (engine.step)", "time", step_cost(pipe, adapters, args.repeats))
+        table(f"throughput, {steps} steps, 16 adapters", "requests/s", throughput(fresh_pipe, adapters, steps, args.repeats))
+        table("one UNet step (engine.step)", "time", step_cost(fresh_pipe, adapters, args.repeats))
         if not args.skip_training:
-            table("latency of one request (30 steps)", "time", latency_under_training(pipe, args.model, adapters,
+            table("latency of one request (30 steps)", "time", latency_under_training(fresh_pipe, args.model, adapters,
                                                                                    args.repeats))
     table("adapter swap, SD 1.5-shaped UNet", "time", swaps(args.repeats, args.device, dtype))
 
