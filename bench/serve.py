@@ -139,7 +139,6 @@ def swaps(repeats: int, device: str, dtype: torch.dtype) -> list[tuple[str, floa
             return statistics.median(times)
 
         anchor = timed(diffusers_load, repeats)
-        del unet
         served = sd15()
         table, host = SlotTable(served, num_slots=3), HostCache()
         refs = [AdapterRef(p) for p in ours]
