@@ -184,13 +184,6 @@ const SI = (() => {
     draw();
 
     const update = job => {
-      const status = $("#status");
-      if (status.textContent !== job.status) {
-        log(el("span", { class: `status ${job.status}`, text: job.status }));
-        status.textContent = job.status;
-        status.className = `status ${job.status}`;
-        draw();
-      }
       const p = job.progress;
       if (p && p.total) {
         total = p.total;
@@ -220,6 +213,14 @@ const SI = (() => {
           el("td", {}, el("code", { text: c.id }))));
         log(document.createTextNode(`checkpoint at step ${c.step}`));
       }
+      const status = $("#status");
+      if (status.textContent !== job.status) {
+        log(el("span", { class: `status ${job.status}`, text: job.status }));
+        status.textContent = job.status;
+        status.className = `status ${job.status}`;
+        draw();
+      }
+      $("#attempts").replaceChildren(`${job.attempts}`, ...(job.worker_id ? [" · ", el("code", { class: "wrap", text: job.worker_id })] : []));
       if (job.adapter_id) {
         const a = el("a", { href: `/dashboard/playground?adapter=${job.adapter_id}` }, el("code", { text: job.adapter_id }));
         $("#adapter").replaceChildren(a);
