@@ -142,7 +142,7 @@ def test_metrics_scraped_after_traffic_s3_deployment(s3_service, s3_flow):
     deadline = time.monotonic() + 30
     while True:  # the engine sampler runs once a second in the worker's child process
         worker_text = httpx.get(f"http://127.0.0.1:{worker_port}/metrics", timeout=10).text
-        if total(worker_text, "styleinject_engine_steps_total") > 0 or time.monotonic() > deadline:
+        if total(worker_text, "styleinject_engine_steps_total") >= 6 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert total(worker_text, "styleinject_engine_steps_total") >= 6  # 3 requests x 2 steps
