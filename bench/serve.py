@@ -12,7 +12,8 @@
    from disk into a slot, vs diffusers ``load_lora_adapter`` (+ ``delete_adapters``) of a LoRA of the
    same rank (r = 32, to_q and to_v).
 4. Latency of one request while a training job runs in another process vs idle (the process model
-   of ``styleinject serve``: generation and training in separate workers).
+   of ``styleinject serve``: generation and training in separate workers). Measured first, in a
+   clean process.
 Prints markdown tables for docs/benchmarks.md.
 """
 
@@ -232,6 +233,8 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--skip-training", action="store_true", help="leave out 4")
+    parser.add_argument("--only", nargs="+", choices=["throughput", "step", "latency", "swap"],
+                        help="run only these parts (default: all)")
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, device {args.device} "
@@ -246,12 +249,19 @@ def main():
         adapters = random_adapters(lambda: pipe.unet.__class__.from_config(pipe.unet.config).to(args.device, dtype),
                                    Path(tmp), 16)
         steps = args.steps or generation_defaults(pipe)["steps"]
-        table(f"throughput, {steps} steps, 16 adapters", "requests/s", throughput(fresh_pipe, adapters, steps, args.repeats))
-        table("one UNet step (engine.step)", "time", step_cost(fresh_pipe, adapters, args.repeats))
-        if not args.skip_training:
-            table("latency of one request (30 steps)", "time", latency_under_training(fresh_pipe, args.model, adapters,
-                                                                                   args.repeats))
-    table("adapter swap, SD 1.5-shaped UNet", "time", swaps(args.repeats, args.device, dtype))
+        parts = set(args.only or ["throughput", "step", "latency", "swap"])
+        if args.skip_training:
+            parts.discard("latency")
+        if "latency" in parts:  # first: a clean process (engines of the other parts leave threads behind)
+            table("latency of one request", "time", latency_under_training(fresh_pipe, args.model, adapters,
+                                                                           args.repeats))
+        if "throughput" in parts:
+            table(f"throughput, {steps} steps, 16 adapters", "requests/s",
+                  throughput(fresh_pipe, adapters, steps, args.repeats))
+        if "step" in parts:
+            table("one UNet step (engine.step)", "time", step_cost(fresh_pipe, adapters, args.repeats))
+    if "swap" in parts:
+        table("adapter swap, SD 1.5-shaped UNet", "time", swaps(args.repeats, args.device, dtype))
 
 
 if __name__ == "__main__":
