@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import Callable, Hashable
 from typing import Any
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from sse_starlette import EventSourceResponse
 
 from api.core.db.models import Adapter, Job
 from api.schemas import AdapterOut, CheckpointOut, ErrorOut, JobOut
@@ -54,3 +61,29 @@ def adapter_out(adapter: Adapter) -> dict[str, Any]:
         size_bytes=adapter.size_bytes,
         created_at=adapter.created_at,
     ).model_dump()
+
+
+async def poll_stream(request: Request, snapshot: Callable[[], dict[str, Any]], *, event: str,
+                      changed: Callable[[dict[str, Any]], Hashable], final: tuple[str, ...],
+                      interval_s: float) -> EventSourceResponse:
+    """Server-Sent Events that poll ``snapshot`` (a short DB read, run in the thread pool): an
+    ``event`` whenever ``changed(snapshot)`` differs, then ``end`` once its status is in ``final``.
+    The first snapshot is read before the stream starts, so a 404 is a plain HTTP error."""
+    first = await run_in_threadpool(snapshot)
+
+    async def events():
+        current, last = first, None
+        while True:
+            key = changed(current)
+            if key != last:
+                last = key
+                yield {"event": event, "data": json.dumps(current)}
+            if current["status"] in final:
+                yield {"event": "end", "data": json.dumps(current)}
+                return
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(interval_s)
+            current = await run_in_threadpool(snapshot)
+
+    return EventSourceResponse(events(), ping=15)

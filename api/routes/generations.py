@@ -8,7 +8,6 @@ before this one.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import secrets
@@ -16,7 +15,6 @@ from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -28,7 +26,7 @@ from api.core.db.session import session_scope
 from api.core.settings import Settings
 from api.core.storage import GENERATIONS, ArtifactStore
 from api.deps import CeleryDep, SessionDep, SettingsDep, StoreDep, TenantDep, TenantRefDep, get_owned
-from api.routes.common import AUTH_ERRORS, errors
+from api.routes.common import AUTH_ERRORS, errors, poll_stream
 from api.schemas import AdapterChoice, GenerateRequest, GenerationOut
 
 router = APIRouter(prefix="/generations", tags=["generate"], responses=AUTH_ERRORS)
@@ -185,21 +183,5 @@ async def stream_generation_events(request_id: str, request: Request, tenant: Te
             row = get_owned(session, GenerationRequest, request_id, tenant)
             return generation_out(session, row, store).model_dump(mode="json")
 
-    first = await run_in_threadpool(snapshot)  # 404 before the stream starts
-
-    async def events():
-        current, last = first, None
-        while True:
-            key = (current["status"], current["queue_position"], json.dumps(current["progress"]))
-            if key != last:
-                last = key
-                yield {"event": "status", "data": json.dumps(current)}
-            if current["status"] in FINAL:
-                yield {"event": "end", "data": json.dumps(current)}
-                return
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(EVENTS_POLL_S)
-            current = await run_in_threadpool(snapshot)
-
-    return EventSourceResponse(events(), ping=15)
+    return await poll_stream(request, snapshot, event="status", final=FINAL, interval_s=EVENTS_POLL_S,
+                             changed=lambda g: (g["status"], g["queue_position"], json.dumps(g["progress"])))

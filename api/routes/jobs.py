@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select, update
 from sse_starlette import EventSourceResponse
 
 from api.core.db.models import FINISHED, JOB_EVENT_KINDS, Job
 from api.core.db.session import session_scope
 from api.core.jobs import history, transition
-from api.deps import SessionDep, SettingsDep, TenantDep, get_owned
-from api.routes.common import AUTH_ERRORS, errors, job_out
+from api.deps import SessionDep, SettingsDep, TenantDep, TenantRefDep, get_owned
+from api.routes.common import AUTH_ERRORS, errors, job_out, poll_stream
 from api.schemas import JobEventOut, JobHistoryOut, JobOut, JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=AUTH_ERRORS)
@@ -93,27 +90,11 @@ def read_job_history(
     summary="Follow a job's progress (Server-Sent Events)",
 )
 async def stream_job_events(
-    job_id: str, request: Request, tenant: TenantDep, settings: SettingsDep
+    job_id: str, request: Request, tenant: TenantRefDep, settings: SettingsDep
 ) -> EventSourceResponse:
     def snapshot() -> dict:
         with session_scope(settings.database_url) as session:
             return job_out(get_owned(session, Job, job_id, tenant)).model_dump(mode="json")
 
-    first = await run_in_threadpool(snapshot)  # 404 before the stream starts
-
-    async def events():
-        current, last = first, None
-        while True:
-            key = (current["status"], current["progress"], current["error"], current["adapter_id"])
-            if key != last:
-                last = key
-                yield {"event": "progress", "data": json.dumps(current)}
-            if current["status"] in FINISHED:
-                yield {"event": "end", "data": json.dumps(current)}
-                return
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(EVENTS_POLL_S)
-            current = await run_in_threadpool(snapshot)
-
-    return EventSourceResponse(events(), ping=15)
+    return await poll_stream(request, snapshot, event="progress", final=FINISHED, interval_s=EVENTS_POLL_S,
+                             changed=lambda j: (j["status"], j["progress"], j["error"], j["adapter_id"]))
