@@ -50,11 +50,6 @@ class Request:
             raise ValueError("adapters: give AdapterRefs, or one list of them per prompt, not a mix")
         return [adapters for _ in self.prompts]
 
-    @property
-    def cost(self) -> int:
-        """steps x pixels x images: what the service's per-tenant caps count."""
-        return (self.steps or 0) * (self.width or 0) * (self.height or 0) * self.num_images * len(self.prompts)
-
 
 @dataclass
 class Active:

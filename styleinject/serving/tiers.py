@@ -62,9 +62,6 @@ class HostCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._entries
-
     def get(self, ref: AdapterRef) -> tuple[str, StyleInjectConfig, dict[str, torch.Tensor]]:
         """``(key, config, tensors)`` from memory, or read from disk (``AdapterLoadError`` if bad)."""
         key = ref.cache_key()
