@@ -14,7 +14,7 @@ from api.core.db.models import Base
 from tests.service.conftest import REPO, service_env
 
 TABLES = {"tenants", "api_keys", "datasets", "jobs", "job_events", "adapters", "checkpoints", "eval_scores",
-          "generation_requests", "models"}
+          "generation_requests", "models", "webhook_deliveries"}
 
 
 def _tables(url: str) -> set[str]:

@@ -36,6 +36,9 @@ FINISHED = ("succeeded", "failed", "cancelled")
 JOB_EVENT_KINDS = ("status", "progress", "checkpoint", "score")
 DATASET_STATUSES = ("validating", "ready", "invalid")
 GENERATION_STATUSES = ("queued", "running", "succeeded", "failed", "timeout")
+# Webhook events a job can subscribe to ("completed" covers succeeded, failed and cancelled).
+WEBHOOK_EVENTS = ("start", "progress", "checkpoint", "completed")
+WEBHOOK_DELIVERY_STATUSES = ("pending", "delivered", "failed")
 
 
 def new_id() -> str:
@@ -85,6 +88,8 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # HMAC-SHA256 key for webhook signatures; kept in clear (signing needs it), created on first use
+    webhook_secret: Mapped[str | None] = mapped_column(String(64))
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant")
 
@@ -156,6 +161,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # where to POST job events (checked against SSRF at creation and at send time) and which ones
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON)
 
     checkpoints: Mapped[list[Checkpoint]] = relationship(
         back_populates="job", order_by="Checkpoint.step", passive_deletes=True
@@ -183,6 +191,29 @@ class JobEvent(Base):
     kind: Mapped[str] = mapped_column(String(16))
     status: Mapped[str | None] = mapped_column(String(16))
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class WebhookDelivery(Base):
+    """One webhook event for a job: the JSON body (without signature, signed at each attempt), how
+    many attempts were made and how the last one ended. Written by ``api.core.webhooks``."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint(_in("event", WEBHOOK_EVENTS), name="event"),
+        CheckConstraint(_in("status", WEBHOOK_DELIVERY_STATUSES), name="status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)  # the event id
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(16))
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    response_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Adapter(Base):
