@@ -89,9 +89,14 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
                     help="continue from the newest checkpoint in --output (exact: same data order, RNG "
                          "and optimizer state)")
     tr.add_argument("--validation-every", type=int, default=train("validation_every"),
-                    help="sample the validation prompts every N steps into OUTPUT/validation/ (0: off)")
+                    help="sample the validation grid every N steps into OUTPUT/validation/ (0: off)")
     tr.add_argument("--validation-prompt", action="append", default=train("validation_prompts"), metavar="PROMPT",
-                    dest="validation_prompts", help="a validation prompt (repeat the flag for several)")
+                    dest="validation_prompts", help="a validation prompt (repeat the flag for several; none: "
+                    "the first captions of the data)")
+    tr.add_argument("--validation-seeds", type=int, nargs="+", default=train("validation_seeds"), metavar="SEED",
+                    help="sampling seeds of the validation grid (one column each)")
+    tr.add_argument("--checkpoint-samples", action="store_true",
+                    help="render the validation grid into every checkpoint (samples.png)")
     tr.add_argument("--sample-steps", type=int, default=train("sample_steps"),
                     help="Euler Ancestral steps for validation"
                     + {"distill": ", teacher samples", "dreambooth": ", class images"}.get(kind, "") + " images")
@@ -165,7 +170,8 @@ def config_from_args(args: argparse.Namespace):
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         snr_gamma=args.snr_gamma, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, validation_every=args.validation_every,
-        validation_prompts=args.validation_prompts, sample_steps=args.sample_steps,
+        validation_prompts=args.validation_prompts, validation_seeds=args.validation_seeds,
+        checkpoint_samples=args.checkpoint_samples, sample_steps=args.sample_steps,
         center_crop=not args.random_crop, random_flip=args.random_flip, skip_bad=args.skip_bad,
         adapter=adapter, **extra)
 

@@ -55,7 +55,9 @@ class TrainConfig:
     keep_checkpoints: int = 3  # 0 keeps all
     resume: str | None = None  # None | "latest" | a checkpoint folder
     validation_every: int = 0  # 0 = off
-    validation_prompts: list[str] = field(default_factory=list)
+    validation_prompts: list[str] = field(default_factory=list)  # empty: the data's first captions (validation.py)
+    validation_seeds: list[int] = field(default_factory=lambda: [0, 1])  # one grid column each, fixed for the run
+    checkpoint_samples: bool = False  # render the validation grid into every checkpoint (samples.png)
     sample_steps: int = 30  # Euler Ancestral steps for validation, teacher samples, class images
     guidance_scale: float = 7.5
     center_crop: bool = _fixed(True)
@@ -115,8 +117,8 @@ class TrainConfig:
             bad("{mixed_precision} must be no, fp16 or bf16 (got {got!r})", got=self.mixed_precision)
         if self.checkpoint_every < 0 or self.validation_every < 0:
             bad("{checkpoint_every} and {validation_every} must be >= 0")
-        if self.validation_every and not self.validation_prompts:
-            bad("{validation_every} needs at least one {validation_prompts}")
+        if (self.validation_every or self.checkpoint_samples) and not self.validation_seeds:
+            bad("{validation_seeds} needs at least one seed to sample the validation prompts with")
         if self.kind == "distill":
             if not self.teacher_model:
                 bad("distill needs {teacher_model} (a diffusers pipeline folder or hub id)")

@@ -38,6 +38,7 @@ from styleinject.train.losses import (  # re-exported: the kinds' shared math us
     encode_images,
     encode_prompts,
 )
+from styleinject.train.validation import write_samples
 
 __all__ = ["CONFIG_RECORD", "Models", "Progress", "Task", "TrainConfig", "TrainContext", "TrainResult",
            "TrainingError", "add_noise", "collate", "diffusion_loss", "diffusion_target", "encode_images",
@@ -295,7 +296,7 @@ def run_training(cfg: TrainConfig, progress: Callable[[Progress], None] | None =
             _save_checkpoint(ctx, unet, optimizer, param_names, sampler, step, last_loss)
             last_saved = step
         if cfg.validation_every and step % cfg.validation_every == 0:
-            _validate(ctx, unet, step)
+            write_samples(ctx, unet, out / "validation" / ckpt.checkpoint_name(step))
 
     # -- 5. save ---------------------------------------------------------------------------------
     if last_saved != step:
@@ -353,6 +354,8 @@ def _save_checkpoint(ctx: TrainContext, unet, optimizer, param_names, sampler, s
         save_adapter(acc.unwrap_model(unet), tmp, cfg.adapter_name,
                      metadata={**training_metadata(cfg, ctx.data.info.sha256, step), "checkpoint": "true"})
         ckpt.save_optimizer(optimizer, param_names, tmp)
+        if cfg.checkpoint_samples:  # before training_state.json: a complete checkpoint has its grid
+            write_samples(ctx, unet, tmp)
     acc.wait_for_everyone()
     if acc.is_main_process:
         ckpt.write_state(tmp, {"step": step, "loss": loss, "data_order": sampler.state_dict(),
@@ -362,28 +365,6 @@ def _save_checkpoint(ctx: TrainContext, unet, optimizer, param_names, sampler, s
         ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
     acc.wait_for_everyone()
     return final
-
-
-def _validate(ctx: TrainContext, unet, step: int) -> None:
-    """Sample the validation prompts with the adapter; images go to validation/step-NNNNNN/."""
-    if not ctx.accelerator.is_main_process:
-        return
-    from styleinject.pipeline import generate
-
-    cfg = ctx.cfg
-    folder = ctx.output_dir / "validation" / ckpt.checkpoint_name(step)
-    folder.mkdir(parents=True, exist_ok=True)
-    model = ctx.accelerator.unwrap_model(unet)
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[]), ctx.accelerator.autocast():
-            for i, prompt in enumerate(cfg.validation_prompts):
-                image = generate(ctx.models.pipe, prompt, seed=cfg.seed + i, steps=cfg.sample_steps,
-                                 guidance_scale=cfg.guidance_scale, width=cfg.resolution,
-                                 height=cfg.resolution, adapter=cfg.adapter_name)[0]
-                image.save(folder / f"{i:02d}.png")
-    finally:
-        model.train()
 
 
 def _release(task, models: Models, accelerator) -> None:

@@ -55,7 +55,7 @@ def test_finetune_smoke_outputs_checkpoints_and_validation(tmp_path, make_cfg, t
                      "optimizer.safetensors", "rng_0.safetensors", "training_state.json"]
     state = json.loads((out / "checkpoints" / "step-000003" / "training_state.json").read_text())
     assert state["step"] == 3 and state["data_order"]["pos"] == 1 and state["data_order"]["epoch"] == 1
-    assert (out / "validation" / "step-000002" / "00.png").is_file()
+    assert (out / "validation" / "step-000002" / "samples.png").is_file()
     assert not (out / ".work").exists()
     # trained adapter tensors are all there and not all zero; generation changes
     tensors = load_file(str(out / "adapter_model.safetensors"))
