@@ -13,9 +13,10 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 DISTILL_TEXT_MODES = ("auto", "shared", "unshared")  # auto: unshared iff the data has teacher_text
 
 # evaluation scorers (styleinject.eval.scorers registry keys)
-SCORER_NAMES = ("clipscore", "pickscore", "imagereward")
+SCORER_NAMES = ("clipscore", "pickscore", "imagereward", "toystyle")
 # keys of evaluate_adapter(scorer_paths=...): a hub id or local folder per model a scorer loads
-SCORER_PATH_KEYS = ("clipscore", "pickscore", "pickscore_processor", "imagereward", "imagereward_tokenizer")
+SCORER_PATH_KEYS = ("clipscore", "pickscore", "pickscore_processor", "imagereward", "imagereward_tokenizer",
+                    "toystyle")
 
 # dataset archives accepted everywhere (CLI --data, upload); longest first where one ends another
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")

@@ -8,6 +8,7 @@ are deterministic for fixed inputs. Conventions (docs/evaluation.md has the full
     CLIPScore   = 100 * w * max(cos(E_I(image), E_T("A photo depicts " + prompt)), 0),  w = 2.5
     PickScore   = exp(logit_scale) * cos(E_I(image), E_T(prompt)) - 21.0
     ImageReward = (MLP(BLIP(image, prompt)[CLS]) - mean) / std
+    toystyle    = 1 - P_checker(style = none | image)   (toy world only; the packaged checker)
 
 `SCORERS` maps each name of `styleinject.names.SCORER_NAMES` to its class; a scorer module
 imports `base` only, never this package or another scorer.
@@ -34,16 +35,18 @@ from styleinject.eval.scorers.imagereward import (
     ImageRewardScorer,
 )
 from styleinject.eval.scorers.pickscore import DEFAULT_PICKSCORE_MODEL, DEFAULT_PICKSCORE_PROCESSOR, PickScorer
+from styleinject.eval.scorers.toystyle import ToyStyleScorer
 from styleinject.names import SCORER_NAMES
 
-SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in (CLIPScorer, PickScorer, ImageRewardScorer)}
+SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in (CLIPScorer, PickScorer, ImageRewardScorer,
+                                                         ToyStyleScorer)}
 assert tuple(SCORERS) == SCORER_NAMES, "styleinject.names.SCORER_NAMES and the scorer registry disagree"
 
 __all__ = [
     "DEFAULT_CLIP_MODEL", "DEFAULT_IMAGEREWARD_MODEL", "DEFAULT_IMAGEREWARD_TOKENIZER", "DEFAULT_PICKSCORE_MODEL",
     "DEFAULT_PICKSCORE_PROCESSOR", "SCORERS", "SCORER_NAMES", "CLIPScorer", "ImageLike", "ImageRewardScorer",
-    "PickScorer", "Scorer", "ScorerLoadError", "describe_missing", "get_scorer", "load_image_processor",
-    "one_line", "resolve_device", "to_pil",
+    "PickScorer", "Scorer", "ScorerLoadError", "ToyStyleScorer", "describe_missing", "get_scorer",
+    "load_image_processor", "one_line", "resolve_device", "to_pil",
 ]
 
 
