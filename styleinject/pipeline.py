@@ -1,4 +1,4 @@
-"""Load a diffusers Stable Diffusion pipeline and generate with Euler Ancestral sampling.
+"""Load a diffusers Stable Diffusion (1.x, 2.x, XL) pipeline and generate with Euler Ancestral sampling.
 
 Sampling settings left unset (``None``) come from the model: a local pipeline folder may hold
 ``generation_defaults.json`` (keys ``steps``, ``guidance_scale``, ``width``, ``height``; the toy
@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from styleinject.adapters import list_adapters, set_adapter, set_adapter_scale
+from styleinject.families import family_for_class, family_of_checkpoint
 from styleinject.serving.defaults import (  # noqa: F401 - part of this module's public API
     DEFAULTS_FILE,
     MAX_SIDE,
@@ -28,12 +29,21 @@ from styleinject.serving.tiers import AdapterRef
 
 
 def load_pipeline(base_model: str | Path, device: str | torch.device | None = None,
-                  dtype: torch.dtype | None = None):
-    """A ``StableDiffusionPipeline`` from a hub id or local folder, with an Euler Ancestral scheduler.
+                  dtype: torch.dtype | None = None, config: str | Path | None = None):
+    """A Stable Diffusion 1.x/2.x or SDXL pipeline with an Euler Ancestral scheduler.
+
+    ``base_model`` is a hub id, a diffusers pipeline folder (its ``model_index.json`` names the
+    pipeline class: ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``), or a single-file
+    ``.safetensors`` checkpoint in the original (LDM / SGM) key layout, loaded with diffusers'
+    ``from_single_file``; its family comes from its keys. A single file holds weights only: the
+    configs and tokenizers come from ``config`` (a diffusers folder of the same architecture,
+    weights not needed), else from a folder ``<name>.config/`` beside the file, else from the
+    hugging face cache of the hub model diffusers infers for it; loading never downloads.
 
     ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA, float32 on CPU.
     """
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+    import diffusers
+    from diffusers import EulerAncestralDiscreteScheduler
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,25 +51,88 @@ def load_pipeline(base_model: str | Path, device: str | torch.device | None = No
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     local = Path(str(base_model)).expanduser()
-    if local.exists() and not (local / "model_index.json").is_file():
-        raise FileNotFoundError(f"{local} is not a diffusers pipeline folder (no model_index.json); "
-                                "pass a folder saved with save_pretrained or a hub id")
-    source = str(local) if local.exists() else str(base_model)
-    pipe = StableDiffusionPipeline.from_pretrained(source, **_dtype_kwarg(dtype), safety_checker=None,
-                                                   requires_safety_checker=False)
+    if local.is_file():
+        family, config_dir = single_file_config(local, config)
+        pipe = getattr(diffusers, family.pipeline_class).from_single_file(
+            str(local), config=str(config_dir), local_files_only=True, **_dtype_kwarg(dtype),
+            **family.pipeline_kwargs)
+        defaults_from = config_dir
+    else:
+        if local.exists() and not (local / "model_index.json").is_file():
+            raise FileNotFoundError(f"{local} is not a diffusers pipeline folder (no model_index.json); pass a "
+                                    "folder saved with save_pretrained, a .safetensors checkpoint or a hub id")
+        source = str(local) if local.exists() else str(base_model)
+        family = family_for_class(diffusers.DiffusionPipeline.load_config(source)["_class_name"])
+        pipe = getattr(diffusers, family.pipeline_class).from_pretrained(source, **_dtype_kwarg(dtype),
+                                                                         **family.pipeline_kwargs)
+        defaults_from = local if local.exists() else None
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.to(device)
     pipe.unet.eval()
-    pipe._styleinject_defaults = read_generation_defaults(local) if local.exists() else {}
+    pipe._styleinject_defaults = read_generation_defaults(defaults_from) if defaults_from is not None else {}
     return pipe
+
+
+def single_file_config(path: str | Path, config: str | Path | None = None):
+    """(family, config folder) for a single-file checkpoint; see ``load_pipeline``. Raises
+    ``FileNotFoundError`` naming the fixes when the configs would have to be downloaded."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: single-file checkpoints must be .safetensors (other formats are pickles, "
+                         "which are never loaded)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception as exc:  # safetensors raises its own error types for a torn or foreign file
+        raise ValueError(f"{path}: not a readable .safetensors file ({exc})") from None
+    family = family_of_checkpoint(keys)
+    sidecar = path.with_suffix(".config")
+    if config is None and (sidecar / "model_index.json").is_file():
+        config = sidecar
+    if config is None:
+        config = _cached_hub_config(path, family, sidecar)
+    config = Path(config)
+    if not (config / "model_index.json").is_file():
+        raise FileNotFoundError(f"config {config} is not a diffusers pipeline folder (no model_index.json)")
+    import diffusers
+
+    found = diffusers.DiffusionPipeline.load_config(str(config))["_class_name"]
+    if found != family.pipeline_class:
+        raise ValueError(f"{path} is a {family.pipeline_class} checkpoint but its config folder {config} is a "
+                         f"{found}: give a config folder of the checkpoint's architecture")
+    return family, config
+
+
+def _cached_hub_config(path: Path, family, sidecar: Path) -> str:
+    """The configs of the hub model diffusers would fetch for this checkpoint, from the local hugging
+    face cache only (diffusers itself would fall back to downloading them)."""
+    from diffusers.loaders.single_file import _download_diffusers_model_config_from_hub
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config, load_single_file_checkpoint
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    repo = fetch_diffusers_config(load_single_file_checkpoint(str(path)))["pretrained_model_name_or_path"]
+    try:
+        return _download_diffusers_model_config_from_hub(repo, cache_dir=None, revision=None, proxies=None,
+                                                         local_files_only=True)
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{path} is a single-file {family.pipeline_class} checkpoint; its configs and tokenizers are not in "
+            f"the file. Put a diffusers folder of the same architecture (e.g. {repo}, configs suffice) at "
+            f"{sidecar}, or pass config=FOLDER, or cache {repo}'s configs (huggingface-cli download {repo} "
+            "--include '*.json' '*.txt'); nothing is downloaded at load time") from None
 
 
 def native_resolution(base_model: str | Path) -> int:
     """The side the model draws at by default (``generation_defaults(pipe)["width"]``), read from
-    its configs without loading any weights: 512 for Stable Diffusion 1.5, 32 for the toy model."""
+    its configs without loading any weights: 512 for Stable Diffusion 1.5, 1024 for SDXL, 32 for the
+    toy model."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     local = Path(str(base_model)).expanduser()
+    if local.is_file():
+        local = single_file_config(local)[1]
     source = str(local) if local.exists() else str(base_model)
     if local.exists():
         width = read_generation_defaults(local).get("width")

@@ -22,3 +22,11 @@ def unet_inputs():
     torch.manual_seed(1)
     return {"sample": torch.randn(2, 4, 32, 32), "timestep": torch.tensor([10, 500]),
             "encoder_hidden_states": torch.randn(2, 7, 32)}
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory):
+    """A tiny random SDXL pipeline saved in diffusers format (once per session)."""
+    from styleinject.testing import tiny_pipeline
+
+    return tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "pipe", kind="sdxl")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from styleinject.families import Conditioning
 from styleinject.serving.tiers import AdapterRef
 
 
@@ -63,7 +64,7 @@ class Active:
     timesteps: torch.Tensor  # (steps,)
     sigmas: torch.Tensor  # (steps + 1,), float32 on the CPU like diffusers'
     latents: torch.Tensor  # (rows, C, h, w)
-    embeds: torch.Tensor  # (2 * rows if cfg else rows, L, D): [uncond; cond]
+    cond: Conditioning  # the UNet's text conditioning, 2 * rows if cfg else rows: [uncond; cond]
     slot_ids: torch.Tensor  # (rows, K)
     slot_weights: torch.Tensor  # (rows, K)
     generator: torch.Generator

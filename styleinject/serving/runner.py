@@ -5,6 +5,9 @@ scale and generator while sharing the UNet forward with the others. Each request
 the same as diffusers' ``EulerAncestralDiscreteScheduler.step`` and ``StableDiffusionPipeline``
 (same operations, dtypes and random draws), so a request run alone equals diffusers' image and a
 batched request equals itself alone up to the float summation order of the batched matmuls.
+The model family (``styleinject.families``) supplies the text conditioning (SDXL's pooled
+embeddings and micro-conditioning ride along per sample in ``added_cond_kwargs``) and the decoding;
+one engine serves one pipeline, so a batch never mixes families.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from styleinject.families import Conditioning, family_of
 from styleinject.serving.request import Active, Request
 from styleinject.serving.slots import SlotTable
 
@@ -24,6 +28,7 @@ class Runner:
         from diffusers import EulerAncestralDiscreteScheduler
 
         self.pipe = pipe
+        self.family = family_of(pipe)
         self.table = table
         # torch.compile the UNet ("inductor" on a GPU; "aot_eager" checks the graph logic on a CPU)
         self.compiled = torch.compile(pipe.unet, backend=compile_backend, dynamic=False) if compile_backend else None
@@ -39,18 +44,17 @@ class Runner:
         pipe = self.pipe
         rows = len(request.prompts) * request.num_images
         cfg = request.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
-        cond, uncond = pipe.encode_prompt(request.prompt, self.device, request.num_images, cfg,
-                                          request.negative_prompt)
-        embeds = torch.cat([uncond, cond]) if cfg else cond
+        cond = self.family.request_conditioning(pipe, request.prompt, request.negative_prompt, request.num_images,
+                                                cfg, self.device, (request.height, request.width))
         scheduler = self._scheduler_cls.from_config(self.scheduler_config)
         scheduler.set_timesteps(request.steps, device=self.device)
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
         shape = (rows, pipe.unet.config.in_channels, request.height // pipe.vae_scale_factor,
                  request.width // pipe.vae_scale_factor)
-        latents = torch.randn(shape, generator=generator, dtype=embeds.dtype).to(self.device)
+        latents = torch.randn(shape, generator=generator, dtype=cond.hidden.dtype).to(self.device)
         latents = latents * scheduler.init_noise_sigma
         return Active(request=request, future=future, rows=rows, cfg=cfg, guidance_scale=request.guidance_scale,
-                      timesteps=scheduler.timesteps, sigmas=scheduler.sigmas, latents=latents, embeds=embeds,
+                      timesteps=scheduler.timesteps, sigmas=scheduler.sigmas, latents=latents, cond=cond,
                       slot_ids=slot_ids, slot_weights=slot_weights, generator=generator,
                       size=(request.height, request.width), keys=keys)
 
@@ -58,13 +62,13 @@ class Runner:
     def step(self, batch: list[Active]) -> None:
         """One denoising step for every request in ``batch`` (all of one latent size), one UNet call."""
         # 1. the UNet batch: each request's rows, doubled [uncond; cond] for guidance
-        samples, timesteps, embeds, ids, weights = [], [], [], [], []
+        samples, timesteps, conds, ids, weights = [], [], [], [], []
         for active in batch:
             sigma = active.sigmas[active.index]
             x = torch.cat([active.latents] * 2) if active.cfg else active.latents
             samples.append(x / ((sigma**2 + 1) ** 0.5))  # scale_model_input
             timesteps.append(active.timesteps[active.index].expand(x.shape[0]))
-            embeds.append(active.embeds)
+            conds.append(active.cond)
             repeat = 2 if active.cfg else 1
             ids.append(active.slot_ids.repeat(repeat, 1))
             weights.append(active.slot_weights.repeat(repeat, 1))
@@ -73,7 +77,7 @@ class Runner:
         width = max(i.shape[1] for i in ids)
         ids = [F.pad(i, (0, width - i.shape[1])) for i in ids]
         weights = [F.pad(w, (0, width - w.shape[1])) for w in weights]
-        noise = self._forward(torch.cat(samples), torch.cat(timesteps), torch.cat(embeds), torch.cat(ids),
+        noise = self._forward(torch.cat(samples), torch.cat(timesteps), Conditioning.cat(conds), torch.cat(ids),
                               torch.cat(weights))
         # 3. per request: guidance, then the Euler Ancestral update with its own generator
         start = 0
@@ -86,7 +90,7 @@ class Runner:
             active.latents = self._euler_ancestral(active, out)
             active.index += 1
 
-    def _forward(self, sample, timestep, embeds, ids, weights) -> torch.Tensor:
+    def _forward(self, sample, timestep, cond: Conditioning, ids, weights) -> torch.Tensor:
         """The UNet on the batch. Compiled, the batch is padded to the next power of two (rows of
         the zero adapter, discarded), so a compiled UNet sees a few shapes only; adapter swaps and
         mixes change no shape, so they never recompile."""
@@ -98,12 +102,12 @@ class Runner:
             if pad:
                 sample = torch.cat([sample, sample[-1:].expand(pad, *sample.shape[1:])])
                 timestep = torch.cat([timestep, timestep[-1:].expand(pad)])
-                embeds = torch.cat([embeds, embeds[-1:].expand(pad, *embeds.shape[1:])])
+                cond = cond.pad(pad)
                 ids = torch.cat([ids, ids.new_zeros(pad, ids.shape[1])])
                 weights = torch.cat([weights, weights.new_zeros(pad, weights.shape[1])])
         self.table.set_batch(ids, weights)
         try:
-            return unet(sample, timestep, encoder_hidden_states=embeds, return_dict=False)[0][:rows]
+            return unet(sample, timestep, **cond.unet_kwargs(), return_dict=False)[0][:rows]
         finally:
             self.table.set_batch(None)
 
@@ -131,7 +135,5 @@ class Runner:
 
     @torch.no_grad()
     def decode(self, active: Active) -> list[Image.Image]:
-        vae = self.pipe.vae
-        image = vae.decode(active.latents / vae.config.scaling_factor, return_dict=False,
-                           generator=active.generator)[0]
+        image = self.family.decode(self.pipe, active.latents, active.generator)
         return self.pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
