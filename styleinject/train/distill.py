@@ -12,7 +12,8 @@ eps_S the adapted student:
   unshared text encoders (cross-lingual: the teacher gets ``teacher_text``, the student ``text``):
       L = L_OutKD   (intermediate features of different text conditionings are not comparable)
 
-c_T and c_S come from each pipeline's own tokenizer and text encoder.
+c_T and c_S come from each pipeline's own tokenizer(s) and text encoder(s) (``styleinject.families``);
+teacher and student must be of one model family (SDXL latents and conditioning differ from SD's).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from styleinject.errors import first_line as _first_line
+from styleinject.families import family_of
 from styleinject.train.config import TrainingError
 from styleinject.train.context import TrainContext
 from styleinject.train.data import ImageTextDataset
-from styleinject.train.losses import add_noise, encode_images, encode_prompts
+from styleinject.train.losses import add_noise, encode_images, encode_text
 
 CACHE_DIR = "cache"
 CACHE_NAME = "teacher_latents.safetensors"
@@ -94,10 +96,15 @@ class DistillTask:
             self.teacher = load_pipeline(cfg.teacher_model, device=ctx.device, dtype=models.weight_dtype)
         except (OSError, ValueError) as exc:
             raise TrainingError("{teacher_model} {path}: cannot load it ({cause}); pass a diffusers Stable "
-                                "Diffusion folder or hub id", path=cfg.teacher_model, cause=_first_line(exc)) from None
+                                "Diffusion / SDXL folder, a .safetensors checkpoint or a hub id", path=cfg.teacher_model, cause=_first_line(exc)) from None
         self.teacher.set_progress_bar_config(disable=True)
-        for module in (self.teacher.unet, self.teacher.text_encoder, self.teacher.vae):
+        teacher_family, student_family = family_of(self.teacher), family_of(models.pipe)
+        for module in (self.teacher.unet, *teacher_family.text_encoders(self.teacher), self.teacher.vae):
             module.requires_grad_(False)
+        if teacher_family is not student_family:
+            raise TrainingError("teacher {path} is a {teacher} model, the student a {student} one: distil "
+                                "between models of one family", path=cfg.teacher_model,
+                                teacher=teacher_family.name, student=student_family.name)
         t_unet, s_unet = self.teacher.unet, models.unet
         if t_unet.config.in_channels != s_unet.config.in_channels:
             raise TrainingError("teacher {path} has {teacher} latent channels, the student {student}: distil "
@@ -163,12 +170,12 @@ class DistillTask:
         else:
             latents = encode_images(ctx, batch["pixel_values"])
         noisy, _noise, t = add_noise(ctx, latents)                                      # z_t
-        c_s = encode_prompts(m.tokenizer, m.text_encoder, batch["text"], ctx.device)
+        c_s = encode_text(ctx, m.pipe, batch["text"])
         t_prompts = batch["teacher_text"] if self.unshared else batch["text"]
-        c_t = encode_prompts(teacher.tokenizer, teacher.text_encoder, t_prompts, ctx.device)
+        c_t = encode_text(ctx, teacher, t_prompts)
         with torch.no_grad():
-            eps_t = teacher.unet(noisy.to(teacher.unet.dtype), t, c_t).sample           # eps_T(z_t, t, c_T)
-        eps_s = m.unet(noisy, t, c_s).sample                                            # eps_S(z_t, t, c_S)
+            eps_t = teacher.unet(noisy.to(teacher.unet.dtype), t, **c_t.unet_kwargs()).sample  # eps_T(z_t, t, c_T)
+        eps_s = m.unet(noisy, t, **c_s.unet_kwargs()).sample                                 # eps_S(z_t, t, c_S)
         out_kd = F.mse_loss(eps_s.float(), eps_t.float())                               # L_OutKD
         logs = {"loss_out_kd": out_kd.item()}
         if not self.use_feat:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from styleinject.train.context import TrainContext
-from styleinject.train.losses import add_noise, diffusion_loss, diffusion_target, encode_images, encode_prompts
+from styleinject.train.losses import add_noise, diffusion_loss, diffusion_target, encode_images, encode_text
 from styleinject.train.data import IMAGE_EXTENSIONS, ImageTextDataset, Item, load_dataset
 
 CLASS_DIR = "class_images"
@@ -92,8 +92,8 @@ class DreamBoothTask:
             prompts += [cfg.class_prompt] * len(batch["class_pixel_values"])
         latents = encode_images(ctx, pixels)
         noisy, noise, t = add_noise(ctx, latents)
-        cond = encode_prompts(m.tokenizer, m.text_encoder, prompts, ctx.device)
-        pred = m.unet(noisy, t, cond).sample
+        cond = encode_text(ctx, m.pipe, prompts)
+        pred = m.unet(noisy, t, **cond.unet_kwargs()).sample
         target = diffusion_target(m.noise_scheduler, latents, noise, t)
         if not prior:
             loss = diffusion_loss(pred, target, t, m.noise_scheduler, cfg.snr_gamma)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from styleinject.train.context import TrainContext
-from styleinject.train.losses import add_noise, diffusion_loss, diffusion_target, encode_images, encode_prompts
+from styleinject.train.losses import add_noise, diffusion_loss, diffusion_target, encode_images, encode_text
 from styleinject.train.data import ImageTextDataset
 
 
@@ -22,8 +22,8 @@ class FinetuneTask:
         ctx, m = self.ctx, self.ctx.models
         latents = encode_images(ctx, batch["pixel_values"])                     # z_0 = E(x)
         noisy, noise, t = add_noise(ctx, latents)                                # z_t
-        cond = encode_prompts(m.tokenizer, m.text_encoder, batch["text"], ctx.device)  # c = tau(y)
-        pred = m.unet(noisy, t, cond).sample                                     # eps_theta(z_t, t, c)
+        cond = encode_text(ctx, m.pipe, batch["text"])                           # c = tau(y)
+        pred = m.unet(noisy, t, **cond.unet_kwargs()).sample                     # eps_theta(z_t, t, c)
         target = diffusion_target(m.noise_scheduler, latents, noise, t)
         loss = diffusion_loss(pred, target, t, m.noise_scheduler, ctx.cfg.snr_gamma)
         return loss, {"loss_task": loss.item()}

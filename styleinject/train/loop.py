@@ -36,13 +36,13 @@ from styleinject.train.losses import (  # re-exported: the kinds' shared math us
     diffusion_loss,
     diffusion_target,
     encode_images,
-    encode_prompts,
+    encode_text,
 )
 from styleinject.train.validation import write_samples
 
 __all__ = ["CONFIG_RECORD", "Models", "Progress", "Task", "TrainConfig", "TrainContext", "TrainResult",
            "TrainingError", "add_noise", "collate", "diffusion_loss", "diffusion_target", "encode_images",
-           "encode_prompts", "run_training", "training_metadata"]
+           "encode_text", "run_training", "training_metadata"]
 
 logger = logging.getLogger("styleinject.train")
 
@@ -76,15 +76,19 @@ class TrainResult:
 def load_models(cfg: TrainConfig, device, weight_dtype) -> Models:
     from diffusers import DDPMScheduler
 
+    from styleinject.families import family_of
     from styleinject.pipeline import load_pipeline
 
     try:
         pipe = load_pipeline(cfg.base_model, device=device, dtype=weight_dtype)
-        noise_scheduler = DDPMScheduler.from_pretrained(cfg.base_model, subfolder="scheduler")
     except (OSError, ValueError) as exc:
-        raise TrainingError("{base_model} {path}: cannot load it ({cause}); pass a diffusers Stable Diffusion "
-                            "folder or hub id", path=cfg.base_model, cause=_first_line(exc)) from None
-    for module in (pipe.text_encoder, pipe.vae, pipe.unet):
+        raise TrainingError("{base_model} {path}: cannot load it ({cause}); pass a diffusers Stable Diffusion / "
+                            "SDXL folder, a .safetensors checkpoint or a hub id", path=cfg.base_model,
+                            cause=_first_line(exc)) from None
+    # the training noise schedule is the model's own (betas, prediction type): the pipeline's
+    # scheduler config carries it, also for a single-file model that has no scheduler folder
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    for module in (*family_of(pipe).text_encoders(pipe), pipe.vae, pipe.unet):
         module.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return Models(pipe=pipe, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
@@ -98,7 +102,8 @@ def _native_resolution(base_model: str) -> int:
         return native_resolution(base_model)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise TrainingError("{base_model} {path}: cannot read its unet/vae configs ({cause}); pass a diffusers "
-                            "Stable Diffusion folder or hub id, or set {resolution}", path=base_model,
+                            "Stable Diffusion / SDXL folder, a .safetensors checkpoint or a hub id, or set "
+                            "{resolution}", path=base_model,
                             cause=_first_line(exc)) from None
 
 

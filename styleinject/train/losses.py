@@ -6,15 +6,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from styleinject.families import Conditioning, family_of
 from styleinject.train.config import TrainingError
 from styleinject.train.context import TrainContext
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids.to(device)
-    with torch.no_grad():
-        return text_encoder(ids)[0]
+def encode_text(ctx: TrainContext, pipe, prompts: list[str]) -> Conditioning:
+    """c = tau(y): the UNet conditioning of ``pipe``'s model family for ``prompts`` (SD: the text
+    encoder's hidden states; SDXL: both encoders', the pooled embedding and the micro-conditioning
+    of a ``resolution``-sided image). Call the UNet with ``**c.unet_kwargs()``."""
+    size = (ctx.cfg.resolution, ctx.cfg.resolution)
+    return family_of(pipe).encode_prompts(pipe, prompts, ctx.device, size)
 
 
 def _global_draw(ctx: TrainContext, draw, rows: int):
