@@ -8,8 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from api.core.db.models import DATASET_STATUSES, GENERATION_STATUSES, JOB_EVENT_KINDS, JOB_KINDS, JOB_STATUSES
-from styleinject.adapters.config import StyleInjectConfig
-from styleinject.names import MIXED_PRECISIONS, SCORER_NAMES, TRAIN_KINDS
+from styleinject.adapters.config import PRESET_FIELDS, StyleInjectConfig
+from styleinject.names import A_INITS, ADAPTER_PRESETS, MIXED_PRECISIONS, SCORER_NAMES, TRAIN_KINDS
 from styleinject.train.config import TrainConfig, field_default
 
 # Each list of names has one home (the library's styleinject.names, the core's db models); the
@@ -21,6 +21,8 @@ DatasetStatus = Literal[DATASET_STATUSES]
 JobEventKind = Literal[JOB_EVENT_KINDS]
 MixedPrecision = Literal[MIXED_PRECISIONS]
 ScorerName = Literal[SCORER_NAMES]
+AdapterPreset = Literal[ADAPTER_PRESETS]
+AInit = Literal[A_INITS]
 GenerationStatus = Literal[GENERATION_STATUSES]
 
 
@@ -75,6 +77,20 @@ class AdapterSpec(BaseModel):
     dma: bool | None = _adapter_default("dma")
     sta: bool | None = _adapter_default("sta")
     dropout: float | None = Field(_adapter_default("dropout"), ge=0, lt=1)
+    keep_router: bool | None = _adapter_default("keep_router")
+    sta_bias: bool | None = _adapter_default("sta_bias")
+    a_init: AInit | None = Field(_adapter_default("a_init"), description="Initial scale of each A_i: lora "
+                                 "(each like a LoRA A) or mixture (x sqrt(n): a uniform router's mixture "
+                                 "has a LoRA A's scale)")
+    preset: AdapterPreset | None = Field(
+        None, exclude=True, description="paper-text (the defaults: the paper's text) or paper-counts (DMA + "
+        "STA on to_q and to_v, router kept at n = 1, bias on G: the paper's parameter counts); sets "
+        "target_modules, style_modules, keep_router and sta_bias")
+
+    @model_validator(mode="after")
+    def _apply_preset(self):
+        if self.preset is None:
+            return self
 
 
 class TrainRequest(BaseModel):

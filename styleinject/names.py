@@ -11,6 +11,10 @@ from __future__ import annotations
 TRAIN_KINDS = ("finetune", "distill", "dreambooth")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 DISTILL_TEXT_MODES = ("auto", "shared", "unshared")  # auto: unshared iff the data has teacher_text
+# adapter presets (styleinject.adapters.config.PRESET_FIELDS): the paper's text (the defaults) or
+# the placement that reproduces its parameter counts (docs/adapters.md)
+ADAPTER_PRESETS = ("paper-text", "paper-counts")
+A_INITS = ("lora", "mixture")  # StyleInjectConfig.a_init: each A_i like a LoRA A / scaled by sqrt(n)
 
 # evaluation scorers (styleinject.eval.scorers registry keys)
 SCORER_NAMES = ("clipscore", "pickscore", "imagereward", "toystyle")

@@ -8,8 +8,9 @@ Our f_s: f_s(sigma) = sigma * (1 + G s) with G: Linear(n -> out, no bias) initia
 f_s(sigma) = sigma at init and (4) reduces to
   h* = h + (G s) * (h - mu(h)) + Delta_h
 with no division and no std (sigma cancels). B is zero at init too, so an injected model equals its
-base model exactly until the first optimiser step. A bias on G would be redundant: s sums to 1, so
-G s + b = (G + b 1^T) s.
+base model exactly until the first optimiser step. A bias on G is redundant (s sums to 1, so
+G s + b = (G + b 1^T) s) and off by default; ``sta_bias`` adds one (zero at init) because the
+paper's parameter counts include it (StyleInjectConfig.paper_counts).
 
 mu(h) is the per-sample, per-channel mean over tokens (Linear on (B, L, C)) or over H x W (Conv2d).
 For a Linear applied to (B, C) there is a single token, h - mu(h) = 0 and STA is a no-op.
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 PARAM_PREFIX = "si_"
-PARAM_KINDS = ("si_A", "si_B", "si_router_weight", "si_router_bias", "si_G")
+PARAM_KINDS = ("si_A", "si_B", "si_router_weight", "si_router_bias", "si_G", "si_G_bias")
 
 
 def adapter_shapes(base_layer: nn.Module, options: dict) -> dict[str, tuple[int, ...]]:
@@ -42,11 +43,13 @@ def adapter_shapes(base_layer: nn.Module, options: dict) -> dict[str, tuple[int,
     else:
         fan_in, out = base_layer.in_features, base_layer.out_features
         shapes = {"si_A": (n, r, fan_in), "si_B": (out, r)}
-    if n > 1:
+    if n > 1 or options.get("router"):  # router: kept at n = 1 too (softmax of one logit = 1)
         shapes["si_router_weight"] = (n, fan_in)
         shapes["si_router_bias"] = (n,)
     if options["sta"]:
         shapes["si_G"] = (out, n)
+        if options.get("sta_bias"):
+            shapes["si_G_bias"] = (out,)
     return shapes
 
 
@@ -74,6 +77,7 @@ class StyleInjectLayer(nn.Module):
         self.si_router_weight = nn.ParameterDict()
         self.si_router_bias = nn.ParameterDict()
         self.si_G = nn.ParameterDict()
+        self.si_G_bias = nn.ParameterDict()
         self.si_options: dict[str, dict] = {}
         self.active_adapter: str | None = None
         self.adapters_enabled = True
@@ -102,6 +106,10 @@ class StyleInjectLayer(nn.Module):
         A = torch.empty(shapes["si_A"], **like)
         for style in A:  # each style initialised like a LoRA A (PEFT: kaiming_uniform_, a=sqrt(5))
             nn.init.kaiming_uniform_(style.view(style.shape[0], -1), a=math.sqrt(5))
+        if options.get("a_init") == "mixture":
+            # n independent A_i mixed with weights 1/n have 1/sqrt(n) the std of one A_i: sqrt(n)
+            # gives a uniform router's initial mixture a LoRA A's scale
+            A.mul_(math.sqrt(A.shape[0]))
         self.si_A[name] = nn.Parameter(A)
         self.si_B[name] = nn.Parameter(torch.zeros(shapes["si_B"], **like))
         if "si_router_weight" in shapes:
@@ -110,6 +118,8 @@ class StyleInjectLayer(nn.Module):
             self.si_router_bias[name] = nn.Parameter(router.bias.detach())
         if "si_G" in shapes:
             self.si_G[name] = nn.Parameter(torch.zeros(shapes["si_G"], **like))
+        if "si_G_bias" in shapes:
+            self.si_G_bias[name] = nn.Parameter(torch.zeros(shapes["si_G_bias"], **like))
         self.si_options[name] = {**options, "user_scale": 1.0}
 
     def remove_adapter(self, name: str) -> None:
@@ -183,6 +193,8 @@ class StyleInjectLayer(nn.Module):
         """(G s) * (h - mu(h)): Eq. (4) with f_s(sigma) = sigma * (1 + G s)."""
         G = self.si_G[name].to(h.dtype)
         gain = G[:, 0].expand(h.shape[0], -1) if s is None else F.linear(s, G)  # (B, out)
+        if name in self.si_G_bias:
+            gain = gain + self.si_G_bias[name].to(h.dtype)
         if self.is_conv:
             centred = h - h.mean(dim=(2, 3), keepdim=True)
             return gain[:, :, None, None] * centred

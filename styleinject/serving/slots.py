@@ -136,11 +136,14 @@ class LayerSlots(nn.Module):
         self.A[slot, :n, :r].copy_(A)
         self.B[slot, :, :r].copy_(tensors["si_B"])
         self.scale[slot] = options["scale"]
-        if "si_router_weight" in tensors:
+        if "si_router_weight" in tensors and n > 1:  # a router kept at n = 1 (keep_router) is s = 1
             self.router_weight[slot, :n].copy_(tensors["si_router_weight"])
             self.router_bias[slot, :n].copy_(tensors["si_router_bias"])
         if "si_G" in tensors:
-            self.G[slot, :, :n].copy_(tensors["si_G"])
+            G = tensors["si_G"]
+            if "si_G_bias" in tensors:  # s sums to 1: G s + b = (G + b 1^T) s, folded in exactly
+                G = G + tensors["si_G_bias"][:, None]
+            self.G[slot, :, :n].copy_(G)
 
     # -- forward ----------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import functools
 import sys
 
 from styleinject.errors import option_names, render_message
-from styleinject.names import DISTILL_TEXT_MODES, MIXED_PRECISIONS, TRAIN_KINDS
+from styleinject.names import A_INITS, ADAPTER_PRESETS, DISTILL_TEXT_MODES, MIXED_PRECISIONS, TRAIN_KINDS
 
 EXIT_BAD_INPUT = 2
 
@@ -117,6 +117,13 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
                     help="Conv2d layers that get a low-rank adapter (e.g. conv1 conv2: the resnets)")
     ad.add_argument("--no-dma", action="store_true", help="ablation: no dynamic multi-style mixing (n=1)")
     ad.add_argument("--no-sta", action="store_true", help="ablation: no AdaIN style transfer term")
+    ad.add_argument("--preset", choices=ADAPTER_PRESETS, default=ADAPTER_PRESETS[0],
+                    help="paper-text: the paper's text (DMA + STA on to_q, plain low rank on to_v); "
+                         "paper-counts: the placement that reproduces its parameter counts (DMA + STA on "
+                         "to_q and to_v, router kept at n=1, bias on G; sets --targets/--style-targets)")
+    ad.add_argument("--a-init", choices=A_INITS, default=adapter("a_init"),
+                    help="initial scale of each style down-projection A_i: lora (each like a LoRA A) or "
+                         "mixture (x sqrt(n): a uniform router's initial mixture has a LoRA A's scale)")
 
     if kind == "distill":
         ds = p.add_argument_group("distillation")
@@ -144,16 +151,22 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
 def config_from_args(args: argparse.Namespace):
     """TrainConfig from parsed arguments."""
     from styleinject.adapters import StyleInjectConfig
-    from styleinject.train.config import TrainConfig
+    from styleinject.train.config import TrainConfig, TrainingError, field_default
 
     if args.lora:
+        if args.preset != ADAPTER_PRESETS[0]:
+            raise TrainingError("{lora} trains plain LoRA; it takes no {preset}")
         adapter = StyleInjectConfig.lora(rank=args.rank, alpha=args.alpha, target_modules=args.target_modules,
                                          conv_target_modules=args.conv_target_modules)
     else:
-        adapter = StyleInjectConfig(rank=args.rank, num_styles=args.num_styles, alpha=args.alpha,
-                                    target_modules=args.target_modules, style_modules=args.style_modules,
-                                    conv_target_modules=args.conv_target_modules, dma=not args.no_dma,
-                                    sta=not args.no_sta)
+        fields = {"rank": args.rank, "num_styles": args.num_styles, "alpha": args.alpha,
+                  "conv_target_modules": args.conv_target_modules, "dma": not args.no_dma,
+                  "sta": not args.no_sta, "a_init": args.a_init}
+        for name in ("target_modules", "style_modules"):  # at their defaults: not given, the preset's
+            value = getattr(args, name)
+            if value != field_default(StyleInjectConfig, name):
+                fields[name] = value
+        adapter = StyleInjectConfig.from_preset(args.preset, **fields)
     extra = {}
     if args.kind == "distill":
         extra = {"teacher_model": args.teacher_model, "feat_kd_weight": args.feat_kd_weight,
