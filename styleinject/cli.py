@@ -1,4 +1,4 @@
-"""`styleinject` command line: generate, train (finetune/distill/dreambooth), eval, serve, worker."""
+"""`styleinject` command line: generate, train (finetune/distill/dreambooth), eval, adapter, serve, worker."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from styleinject.errors import option_names, render_message
 # `styleinject --help` stays fast and works without the optional extras installed. Other installed
 # packages add theirs through this entry point group (the service: serve, apikey, db, worker); the
 # library never imports them by name.
-_COMMAND_MODULES = ("styleinject.train.cli", "styleinject.eval.cli")
+_COMMAND_MODULES = ("styleinject.train.cli", "styleinject.eval.cli", "styleinject.interop.cli")
 COMMANDS_GROUP = "styleinject.commands"
 
 

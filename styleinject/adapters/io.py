@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from styleinject.adapters.config import CONFIG_NAME, StyleInjectConfig
+from styleinject.adapters.config import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, StyleInjectConfig
 from styleinject.adapters.model import (
     adapter_state_dict,
     assign_adapter,
@@ -23,9 +23,6 @@ from styleinject.adapters.model import (
     list_adapters,
     set_adapter,
 )
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_VERSION = "1"
 
 
 class AdapterLoadError(ValueError):
