@@ -89,6 +89,7 @@ def _serve(args) -> int:
     import uvicorn
 
     from api.core.db.migrate import upgrade
+    from api.core.logs import uvicorn_log_config
     from api.core.supervisor import WorkerSupervisor
 
     settings = _settings(args)
@@ -157,7 +158,9 @@ def _serve(args) -> int:
               f"    {first_key}\n"
               f"    curl -H 'Authorization: Bearer {first_key}' {base}/jobs", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        # STYLEINJECT_LOG_FORMAT for uvicorn's lines and ours; the worker children read it from their env
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    log_config=uvicorn_log_config(settings.log_format, args.log_level))
     finally:
         for supervisor in supervisors:
             supervisor.stop()

@@ -25,6 +25,7 @@ from api import __version__, metrics
 from api.routes import (adapters, dashboard, datasets, evaluate, generate, generations, health, jobs, login, models,
                         train)
 from api.core.celery import make_celery
+from api.core.logs import RequestIdMiddleware, connect_celery_publisher, install_api_logging
 from api.core.settings import Settings, get_settings
 from api.core.storage import make_store
 from api.guards import BodyGuard, SafeJSONResponse, finite, is_json_content_type
@@ -80,7 +81,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.state.store = make_store(settings)
     app.add_middleware(BodyGuard, max_bytes=settings.max_json_bytes, max_depth=settings.max_json_depth)
-    app.add_middleware(metrics.RequestMetrics)  # outermost: BodyGuard's 413/415 answers are counted
+    app.add_middleware(metrics.RequestMetrics)  # BodyGuard's 413/415 answers are counted
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response has X-Request-ID, every log line its id
+    install_api_logging(settings.log_format)  # STYLEINJECT_LOG_FORMAT for uvicorn's logs and ours
+    connect_celery_publisher()  # each task queued while a request runs carries its id to the worker
     install_log_redaction()  # no key material in the access log (?key=...), ours or uvicorn's
     for module in (datasets, train, jobs, adapters, generate, generations, evaluate, models, dashboard, login,
                    health, metrics):

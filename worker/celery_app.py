@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from api.core.celery import make_celery
 from api.core.settings import get_settings
-from worker import metrics, time_limits  # noqa: F401 - connect the metrics and solo-pool time-limit signals
+# connect the signals: logging (no progress bars, request ids), metrics, solo-pool time limits
+from worker import logs, metrics, time_limits  # noqa: F401
 
 celery_app = make_celery(get_settings(), include=["worker.tasks"])

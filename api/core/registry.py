@@ -72,6 +72,19 @@ def resolve_model(session: Session, name: str) -> str | None:
     return session.scalar(select(RegisteredModel.source).where(RegisteredModel.name == name))
 
 
+def display_name(session: Session, source: str, name: str | None = None) -> str:
+    """What tenants see for a model an adapter or job uses: its registered name (``name``, the one the
+    job was submitted with, if still registered with that source; else any name registered for the
+    source), never a server path. An unregistered hub id is public and shown as is."""
+    names = list(session.scalars(select(RegisteredModel.name).where(RegisteredModel.source == source)
+                                 .order_by(RegisteredModel.name)))
+    if name in names or (name and not names):
+        return name
+    if names:
+        return names[0]
+    return source if re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", source) and ".." not in source else "unregistered"
+
+
 def register_demo_model(session: Session) -> bool:
     """Register the packaged toy model as ``demo`` unless that name is taken (first start)."""
     if resolve_model(session, DEMO_MODEL) is not None:

@@ -17,8 +17,9 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "STYLEINJECT_"
@@ -58,6 +59,9 @@ class Settings(BaseSettings):
     max_json_depth: int = 32  # nesting of a JSON body (422 deeper)
     # An uploaded archive of N bytes may expand to at most max(ratio x N, 1 MiB) (counted while extracting).
     max_extract_ratio: float = 20.0
+    # An uploaded image's width x height, read from its header before any pixel is decoded. Lowering it
+    # is fine; the default is PIL's own decompression-bomb bound, which stays on above it.
+    max_image_pixels: int = Field(89_478_485, gt=0, le=89_478_485)
 
     # Serving (the generate worker's engine; docs/service.md "The serving engine").
     engine_max_batch: int = 32  # UNet rows per forward (a request with guidance counts 2 per image)
@@ -79,6 +83,10 @@ class Settings(BaseSettings):
     # and each worker also serve the page, without auth, on that port (keep it on a private network).
     metrics_token: SecretStr | None = None
     metrics_port: int | None = None
+
+    # Logs (docs/ops.md "Logs"): "text" or "json" (one object per line) for the API, the workers and
+    # `styleinject serve`'s children; every line carries the request id.
+    log_format: Literal["text", "json"] = "text"
 
     # Timeouts (seconds).
     generate_timeout_s: float = 300.0

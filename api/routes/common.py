@@ -9,9 +9,11 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import object_session
 from sse_starlette import EventSourceResponse
 
 from api.core.db.models import Adapter, Job
+from api.core.registry import display_name
 from api.schemas import AdapterOut, CheckpointOut, ErrorOut, JobOut
 
 
@@ -49,12 +51,18 @@ def job_out(job: Job) -> JobOut:
     )
 
 
+def adapter_base_model(adapter: Adapter) -> str:
+    """The adapter's base model as tenants know it: the registered name, not the worker's path."""
+    submitted = (adapter.job.params or {}).get("base_model_name") if adapter.job is not None else None
+    return display_name(object_session(adapter), adapter.base_model, submitted)
+
+
 def adapter_out(adapter: Adapter) -> dict[str, Any]:
     return AdapterOut(
         id=adapter.id,
         name=adapter.name,
         kind=adapter.kind,
-        base_model=adapter.base_model,
+        base_model=adapter_base_model(adapter),
         job_id=adapter.job_id,
         config=adapter.config or {},
         metadata=adapter.meta or {},

@@ -37,11 +37,12 @@ from api.core.db.models import Adapter, Dataset, EvalScore, Job, Tenant
 from api.core.jobs import history
 from api.core.settings import Settings
 from api.deps import KEY_COOKIE, SessionDep, SettingsDep
-from api.routes.common import job_out
+from api.routes.common import adapter_base_model, job_out
 from api.schemas import JobEventOut
 
 router = APIRouter(prefix="/dashboard", tags=["dashboard"])
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent.parent / "templates"))
+templates.env.globals["adapter_base_model"] = adapter_base_model  # a registered name, never a server path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DATASET_PREVIEW = 60  # items shown per dataset

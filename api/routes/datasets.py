@@ -76,7 +76,7 @@ async def create_dataset(
     try:
         upload, original, size = await receive_file(request, "file", upload_dir, settings.max_upload_bytes)
         data_path, info = await run_in_threadpool(validate_upload, upload, dest, kind, skip_bad,
-                                                  settings.max_extract_ratio)
+                                                  settings.max_extract_ratio, settings.max_image_pixels)
         await run_in_threadpool(store.put_dir, DATASETS, dataset_id, dest)
     except UploadError as exc:
         store.delete(DATASETS, dataset_id)
@@ -104,11 +104,13 @@ async def create_dataset(
 
 
 def validate_upload(upload: Path, dest: Path, kind: str, skip_bad: bool = False,
-                    max_ratio: float = 20.0) -> tuple[Path, Any]:
+                    max_ratio: float = 20.0, max_pixels: int | None = None) -> tuple[Path, Any]:
     """Extract (archives) into ``dest`` and run the engine's full validation.
 
     An archive may expand to at most ``max(max_ratio x its size, 1 MiB)`` (STYLEINJECT_MAX_EXTRACT_RATIO),
-    counted while it is extracted: a bomb is refused before it fills the disk.
+    counted while it is extracted: a bomb is refused before it fills the disk. An image above
+    ``max_pixels`` (STYLEINJECT_MAX_IMAGE_PIXELS; the library's bound when None) is refused from its
+    header, before it is decoded.
 
     Raises UploadError(422) with the engine's message in API words; ``dest`` is the caller's to remove.
     """
@@ -122,7 +124,8 @@ def validate_upload(upload: Path, dest: Path, kind: str, skip_bad: bool = False,
         else:
             data_path = dest / upload.name
             shutil.move(upload, data_path)
-        return data_path, inspect_dataset(data_path, kind=kind, skip_bad=skip_bad)
+        bound = {} if max_pixels is None else {"max_pixels": max_pixels}
+        return data_path, inspect_dataset(data_path, kind=kind, skip_bad=skip_bad, **bound)
     except DatasetError as exc:
         raise UploadError(422, f"invalid dataset: {library_error_message(exc)}") from None
 

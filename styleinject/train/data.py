@@ -424,8 +424,9 @@ def _dataset_root(root: Path) -> Path:
 class _Collector:
     """Items plus the per-item errors: raised at once, or skipped and counted."""
 
-    def __init__(self, skip_bad: bool):
+    def __init__(self, skip_bad: bool, max_pixels: int = MAX_IMAGE_PIXELS):
         self.skip_bad = skip_bad
+        self.max_pixels = max_pixels
         self.items: list[Item] = []
         self.skipped: list[str] = []
 
@@ -439,7 +440,7 @@ class _Collector:
 def _check_image(path: Path, name: str, col: _Collector, hasher: dict[str, str]) -> bool:
     data = path.read_bytes()
     try:
-        decode_image(data, name)
+        decode_image(data, name, col.max_pixels)
     except DatasetError as exc:
         col.bad(str(exc))
         return False
@@ -590,15 +591,16 @@ def _digest(items: list[Item], hashes: dict[str, str]) -> str:
 
 def load_dataset(path: str | os.PathLike, kind: str = "finetune", *, workdir: str | os.PathLike | None = None,
                  skip_bad: bool = False, max_bytes: int = MAX_EXTRACT_BYTES,
-                 max_files: int = MAX_EXTRACT_FILES) -> LoadedDataset:
+                 max_files: int = MAX_EXTRACT_FILES, max_pixels: int = MAX_IMAGE_PIXELS) -> LoadedDataset:
     """Read and fully validate a dataset. Archives are extracted into ``workdir/data`` (required
-    for archives); the returned items point into that folder."""
+    for archives); the returned items point into that folder. Images above ``max_pixels`` (from
+    their header, before decoding) are bad items."""
     if kind not in KINDS:
         raise DatasetError.text(f"unknown training kind {kind!r}; use one of {', '.join(KINDS)}")
     src = Path(path)
     if not src.exists():
         raise DatasetError("{path}: dataset not found; check the {data} path", path=src)
-    col = _Collector(skip_bad)
+    col = _Collector(skip_bad, max_pixels)
     hashes: dict[str, str] = {}
     fmt = "folder"
     root: Path | None
@@ -644,11 +646,12 @@ def load_dataset(path: str | os.PathLike, kind: str = "finetune", *, workdir: st
 
 
 def inspect_dataset(path: str | os.PathLike, kind: str = "finetune", *, skip_bad: bool = False,
-                    max_bytes: int = MAX_EXTRACT_BYTES, max_files: int = MAX_EXTRACT_FILES) -> DatasetInfo:
+                    max_bytes: int = MAX_EXTRACT_BYTES, max_files: int = MAX_EXTRACT_FILES,
+                    max_pixels: int = MAX_IMAGE_PIXELS) -> DatasetInfo:
     """Validate a dataset without training (archives go to a temporary folder that is removed)."""
     with tempfile.TemporaryDirectory(prefix="styleinject-inspect-") as tmp:
         return load_dataset(path, kind, workdir=tmp, skip_bad=skip_bad, max_bytes=max_bytes,
-                            max_files=max_files).info
+                            max_files=max_files, max_pixels=max_pixels).info
 
 
 # --------------------------------------------------------------------------------------------

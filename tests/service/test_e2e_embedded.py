@@ -75,7 +75,7 @@ def test_embedded_train_then_generate(embedded, tmp_path):
     service, key, home = embedded
     with service.client(key) as client:
         flow = train_and_generate(service, client, tmp_path)
-    assert flow["adapter"]["base_model"] == str(TOY_BASE)
+    assert flow["adapter"]["base_model"] == "demo"  # the registered name, not the server path
     assert Path(service.artifact_root / "jobs" / flow["job"]["id"] / "adapter_model.safetensors").is_file()
 
     # the dashboard: the login form POSTs the key -> cookie -> HTML with the job and the adapter

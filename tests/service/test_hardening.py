@@ -78,3 +78,24 @@ def test_upload_bombs_are_422_within_the_bound(client, settings, monkeypatch, na
     assert peak and max(peak) <= max(settings.max_extract_ratio * len(body), MiB)
     assert not any((settings.artifact_root / UPLOADS).iterdir())
     assert not (settings.artifact_root / DATASETS).exists() or not any((settings.artifact_root / DATASETS).iterdir())
+
+
+def test_image_pixel_bound_is_a_setting(settings):
+    """STYLEINJECT_MAX_IMAGE_PIXELS bounds uploaded images from their header (before decoding)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(2):
+            png = io.BytesIO()
+            Image.new("RGB", (64, 64), (i * 100, 0, 0)).save(png, format="PNG")
+            archive.writestr(f"{i}.png", png.getvalue())
+            archive.writestr(f"{i}.txt", "a red square")
+    upload = {"file": ("d.zip", buffer.getvalue())}
+    for limit, expected in ((64 * 64, 201), (64 * 64 - 1, 422)):
+        with TestClient(create_app(settings.model_copy(update={"max_image_pixels": limit}))) as client:
+            response = client.post("/datasets", files=upload, headers=AUTH)
+        assert response.status_code == expected, response.text
+    assert "4096 pixels, more than the limit of 4095" in response.json()["message"]
+    with pytest.raises(ValueError):
+        Settings(max_image_pixels=10**9)  # PIL's own guard stays on above its bound: no higher value

@@ -102,3 +102,20 @@ def test_model_cli_add_list_remove(settings):
     assert "sd15\tstable-diffusion-v1-5/stable-diffusion-v1-5" in run_cli("model", "list", env=env).stdout
     run_cli("model", "remove", "sd15", env=env)
     assert run_cli("model", "list", env=env).stdout == ""
+
+
+def test_adapters_show_the_registered_name_not_the_server_path(settings, client, tenant):
+    """GET /adapters and the dashboard show the base model by the name tenants know."""
+    from api.core.db.models import Adapter, Tenant
+
+    with session_scope(settings.database_url) as session:
+        add_model(session, "sd15", "/models/sd15")
+        owner = session.scalar(select(Tenant).where(Tenant.name == "alice"))
+        for name, source in [("named", "/models/sd15"), ("hub", "owner/some-model"), ("path", "/srv/secret/model")]:
+            session.add(Adapter(tenant_id=owner.id, name=name, kind="finetune", base_model=source, path="/x"))
+    response = client.get("/adapters", headers=tenant)
+    assert response.status_code == 200, response.text
+    shown = {a["name"]: a["base_model"] for a in response.json()}
+    assert shown == {"named": "sd15", "hub": "owner/some-model", "path": "unregistered"}
+    page = client.get("/dashboard", headers=tenant).text
+    assert "sd15" in page and "/srv/secret" not in page and "/models/sd15" not in page
