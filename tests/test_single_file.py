@@ -1,0 +1,70 @@
+"""Single-file checkpoints: a tiny SD 1.x and SDXL written in the original (LDM / SGM) key layout
+load through diffusers' from_single_file into the same weights and images as their diffusers folders."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from styleinject.families import SD, SDXL, family_of
+from styleinject.pipeline import generate, load_pipeline, native_resolution
+from styleinject.testing import write_single_file
+
+KW = {"seed": 3, "steps": 2, "width": 64, "height": 64, "guidance_scale": 5.0}
+
+
+def _px(images):
+    return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_single_file_equals_the_diffusers_folder(kind, tiny_pipeline_path, tiny_sdxl_path, tmp_path):
+    from safetensors import safe_open
+
+    folder = tiny_pipeline_path if kind == "sd" else tiny_sdxl_path
+    file = write_single_file(folder, tmp_path / "model.safetensors")
+    with safe_open(str(file), framework="pt") as handle:
+        keys = set(handle.keys())
+    # the original layout, not diffusers'
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys and "first_stage_model.encoder.norm_out.weight" in keys
+    assert not any(k.startswith(("unet.", "down_blocks.")) for k in keys)
+    if kind == "sdxl":
+        assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    ref = load_pipeline(folder, device="cpu")
+    got = load_pipeline(file, device="cpu", config=folder)
+    assert type(got) is type(ref) and family_of(got) is (SD if kind == "sd" else SDXL)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(ref, name, None) is None:
+            continue
+        want, have = getattr(ref, name).state_dict(), getattr(got, name).state_dict()
+        assert want.keys() == have.keys(), name
+        assert all(torch.equal(want[k], have[k]) for k in want), name
+    assert np.array_equal(_px(generate(got, "a red square", **KW)), _px(generate(ref, "a red square", **KW)))
+
+
+def test_config_folder_beside_the_file_needs_configs_only(tiny_sdxl_path, tmp_path):
+    file = write_single_file(tiny_sdxl_path, tmp_path / "community.safetensors")
+    shutil.copytree(tiny_sdxl_path, tmp_path / "community.config", ignore=shutil.ignore_patterns("*.safetensors"))
+    pipe = load_pipeline(file, device="cpu")
+    assert family_of(pipe) is SDXL
+    assert native_resolution(file) == 64
+
+
+def test_single_file_errors_name_the_fix(tiny_pipeline_path, tiny_sdxl_path, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    file = write_single_file(tiny_pipeline_path, tmp_path / "sd.safetensors")
+    # no config anywhere and an empty hugging face cache: refuse rather than download
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"sd\.config.*config=FOLDER.*nothing is downloaded"):
+        load_pipeline(file, device="cpu")
+    with pytest.raises(ValueError, match="StableDiffusionPipeline checkpoint but its config folder"):
+        load_pipeline(file, device="cpu", config=tiny_sdxl_path)
+    with pytest.raises(ValueError, match="diffusers-layout"):
+        load_pipeline(tiny_pipeline_path / "unet" / "diffusion_pytorch_model.safetensors", device="cpu")
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(ValueError, match="never loaded"):
+        load_pipeline(pickle, device="cpu")
