@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import __version__, metrics
 from api.routes import (adapters, dashboard, datasets, evaluate, generate, generations, health, jobs, login, models,
-                        train)
+                        train, webhooks)
+from api.core import webhooks as job_webhooks
 from api.core.celery import make_celery
 from api.core.logs import RequestIdMiddleware, connect_celery_publisher, install_api_logging
 from api.core.settings import Settings, get_settings
@@ -73,12 +74,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "adapters", "description": "Trained adapters"},
             {"name": "generate", "description": "Text-to-image with an optional adapter"},
             {"name": "models", "description": "Registered base and teacher models"},
+            {"name": "webhooks", "description": "Signed job event notifications: secret, deliveries"},
             {"name": "dashboard", "description": "HTML overview"},
             {"name": "health", "description": "Liveness"},
         ],
     )
     app.state.settings = settings
     app.state.celery = make_celery(settings)
+    job_webhooks.install(settings, app.state.celery)  # job events committed here (creation, cancel)
     app.state.store = make_store(settings)
     app.add_middleware(BodyGuard, max_bytes=settings.max_json_bytes, max_depth=settings.max_json_depth)
     app.add_middleware(metrics.RequestMetrics)  # BodyGuard's 413/415 answers are counted
@@ -86,8 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_api_logging(settings.log_format)  # STYLEINJECT_LOG_FORMAT for uvicorn's logs and ours
     connect_celery_publisher()  # each task queued while a request runs carries its id to the worker
     install_log_redaction()  # no key material in the access log (?key=...), ours or uvicorn's
-    for module in (datasets, train, jobs, adapters, generate, generations, evaluate, models, dashboard, login,
-                   health, metrics):
+    for module in (datasets, train, jobs, adapters, generate, generations, evaluate, models, webhooks, dashboard,
+                   login, health, metrics):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

@@ -7,7 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from api.core.db.models import DATASET_STATUSES, GENERATION_STATUSES, JOB_EVENT_KINDS, JOB_KINDS, JOB_STATUSES
+from api.core.db.models import (
+    DATASET_STATUSES,
+    GENERATION_STATUSES,
+    JOB_EVENT_KINDS,
+    JOB_KINDS,
+    JOB_STATUSES,
+    WEBHOOK_DELIVERY_STATUSES,
+    WEBHOOK_EVENTS,
+)
 from styleinject.adapters.config import PRESET_FIELDS, StyleInjectConfig
 from styleinject.names import A_INITS, ADAPTER_PRESETS, MIXED_PRECISIONS, SCORER_NAMES, TRAIN_KINDS
 from styleinject.train.config import TrainConfig, field_default
@@ -24,6 +32,8 @@ ScorerName = Literal[SCORER_NAMES]
 AdapterPreset = Literal[ADAPTER_PRESETS]
 AInit = Literal[A_INITS]
 GenerationStatus = Literal[GENERATION_STATUSES]
+WebhookEvent = Literal[WEBHOOK_EVENTS]
+WebhookDeliveryStatus = Literal[WEBHOOK_DELIVERY_STATUSES]
 
 
 def _train_default(name: str):
@@ -61,6 +71,18 @@ class DatasetOut(_Out):
 
 # -- training and jobs ----------------------------------------------------------------------------
 
+class JobWebhook(BaseModel):
+    """Webhook fields every job-creating request takes (docs/service.md "Webhooks")."""
+
+    webhook_url: str | None = Field(
+        None, max_length=2048, description="POST the job's events here (http or https; signed with the "
+        "tenant's secret, GET /webhooks/secret). Private and loopback addresses are refused unless the "
+        "admin set STYLEINJECT_WEBHOOK_ALLOW_PRIVATE")
+    webhook_events: list[WebhookEvent] | None = Field(
+        None, min_length=1, description="Which events to send (default: all). start; progress (at most once per "
+        "STYLEINJECT_WEBHOOK_PROGRESS_INTERVAL_S); checkpoint; completed (succeeded, failed or cancelled)")
+
+
 class AdapterSpec(BaseModel):
     """StyleInjectConfig fields; the defaults are the library's (the paper's r 32, n 16, DMA + STA on
     to_q, plain low rank on to_v; alpha and conv_rank null: equal to rank)."""
@@ -93,7 +115,7 @@ class AdapterSpec(BaseModel):
             return self
 
 
-class TrainRequest(BaseModel):
+class TrainRequest(JobWebhook):
     """A training job. Defaults are the training engine's (TrainConfig); null takes them too."""
 
     model_config = ConfigDict(extra="forbid")
@@ -161,6 +183,8 @@ class JobOut(BaseModel):
     attempts: int
     worker_id: str | None = None
     checkpoints: list[CheckpointOut] = []
+    webhook_url: str | None = None
+    webhook_events: list[WebhookEvent] | None = None
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -284,7 +308,7 @@ class GenerateOut(BaseModel):
     duration_s: float | None = None
 
 
-class EvaluateRequest(BaseModel):
+class EvaluateRequest(JobWebhook):
     model_config = ConfigDict(extra="forbid")
 
     adapter_id: str
@@ -319,3 +343,24 @@ class HealthOut(BaseModel):
     status: Literal["ok", "degraded"]
     database: bool
     version: str
+
+
+# -- webhooks -------------------------------------------------------------------------------------
+
+class WebhookSecretOut(BaseModel):
+    secret: str = Field(description="HMAC-SHA256 key of this tenant's webhook signatures; keep it secret")
+    header: str = Field(description="The header that carries the signature: t=<unix time>,v1=<hex HMAC-SHA256 "
+                        "of '<t>.<body>'>")
+
+
+class WebhookDeliveryOut(_Out):
+    id: str = Field(description="The event id (the body's id and X-StyleInject-Delivery; the same on retries)")
+    job_id: str
+    event: WebhookEvent
+    url: str
+    status: WebhookDeliveryStatus
+    attempts: int
+    response_code: int | None = Field(None, description="The HTTP status of the last attempt")
+    error: str | None = Field(None, description="Why the last attempt failed")
+    created_at: datetime
+    finished_at: datetime | None = None

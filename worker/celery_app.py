@@ -4,9 +4,11 @@ the environment, or what ``styleinject worker --home`` configured before importi
 
 from __future__ import annotations
 
+from api.core import webhooks
 from api.core.celery import make_celery
 from api.core.settings import get_settings
 # connect the signals: logging (no progress bars, request ids), metrics, solo-pool time limits
 from worker import logs, metrics, time_limits  # noqa: F401
 
 celery_app = make_celery(get_settings(), include=["worker.tasks"])
+webhooks.install(get_settings(), celery_app)  # job events this worker commits are sent as webhooks

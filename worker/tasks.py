@@ -1,4 +1,4 @@
-"""Celery tasks: train, generate, evaluate.
+"""Celery tasks: train, generate, evaluate, deliver_webhook.
 
 Every task takes an id, re-reads its row and is safe to run twice (``acks_late`` redelivers).
 torch, diffusers and the library are imported inside the tasks, so importing this module (which
@@ -19,7 +19,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 
-from api.core.celery import TASK_EVALUATE, TASK_GENERATE, TASK_TRAIN
+from api.core.celery import TASK_EVALUATE, TASK_GENERATE, TASK_TRAIN, TASK_WEBHOOK
 from api.core.db.models import Adapter, Checkpoint, Dataset, EvalScore, Job
 from api.core.db.session import session_scope
 from api.core.jobs import record_event
@@ -286,3 +286,17 @@ def evaluate(self, job_id: str) -> dict[str, Any]:
                 record_event(session, job_id, "score", {"metric": metric, "value": float(stats["mean"])})
     lease.finish("succeeded", result={"summary": report["summary"], "settings": report["settings"]})
     return {"job_id": job_id, "status": "succeeded"}
+
+
+# -- webhooks -------------------------------------------------------------------------------------
+
+@celery_app.task(name=TASK_WEBHOOK, bind=True, ignore_result=True, soft_time_limit=_limits.webhook_timeout_s + 30,
+                 time_limit=_limits.webhook_timeout_s + 60)
+def deliver_webhook(self, delivery_id: str) -> None:
+    """One attempt to POST a job event (api/core/webhooks.py); the next one is this task again, sent
+    with the backoff as countdown. The delivery row counts the attempts and bounds them."""
+    from api.core.webhooks import attempt
+
+    wait_s = attempt(get_settings(), delivery_id)
+    if wait_s is not None:
+        raise self.retry(countdown=wait_s, max_retries=None)

@@ -2,7 +2,9 @@
 sends tasks by name and the worker registers them under the same names.
 
 Queues: ``train`` (training and evaluation: long GPU jobs) and ``generate`` (inference, short).
-A worker listens on both by default; dedicated inference workers use ``-Q generate``.
+A worker listens on both by default; dedicated inference workers use ``-Q generate``. Webhook
+deliveries (short HTTP POSTs) go to ``generate`` too: a train worker runs one job at a time, so
+a delivery queued there would wait for the job it reports on.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ QUEUES = (TRAIN_QUEUE, GENERATE_QUEUE)
 TASK_TRAIN = "worker.tasks.train"
 TASK_EVALUATE = "worker.tasks.evaluate"
 TASK_GENERATE = "worker.tasks.generate"
-TASK_NAMES = (TASK_TRAIN, TASK_EVALUATE, TASK_GENERATE)
+TASK_WEBHOOK = "worker.tasks.deliver_webhook"
+TASK_NAMES = (TASK_TRAIN, TASK_EVALUATE, TASK_GENERATE, TASK_WEBHOOK)
 
 TASK_ROUTES = {
     TASK_TRAIN: {"queue": TRAIN_QUEUE},
     TASK_EVALUATE: {"queue": TRAIN_QUEUE},
     TASK_GENERATE: {"queue": GENERATE_QUEUE},
+    TASK_WEBHOOK: {"queue": GENERATE_QUEUE},
 }
 
 

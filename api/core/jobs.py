@@ -19,11 +19,14 @@ GET /jobs/{id} shows) and appends it to the history, bounded per job:
   * when a job has more than MAX_PROGRESS_EVENTS points, every second one is deleted (the first
     and the newest stay), which doubles the spacing. So a job of any length keeps at most
     MAX_PROGRESS_EVENTS roughly evenly spaced points, from its first step to its newest.
-``record_event`` adds checkpoint and score events (never thinned).
+``record_event`` adds checkpoint and score events (never thinned). Hooks registered with
+``on_record`` see each progress point written (thinned or not) and each checkpoint or score event,
+once committed, as a ``Recorded`` (webhooks hang here too).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -61,10 +64,27 @@ class Transition:
     to_status: str
     at: datetime
     data: dict[str, Any] = field(default_factory=dict)
+    # the committing session's database (with its password: never shown), so a hook can tell which
+    # deployment the job belongs to in a process that serves several (tests)
+    database_url: str = field(default="", compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What an ``on_record`` hook receives, after the commit: a progress point or a checkpoint or
+    score event (``kind``) with its data."""
+
+    job_id: str
+    kind: str
+    at: datetime
+    data: dict[str, Any] = field(default_factory=dict)
+    database_url: str = field(default="", compare=False, repr=False)
 
 
 TransitionHook = Callable[[Transition], None]
+RecordHook = Callable[[Recorded], None]
 _HOOKS: list[TransitionHook] = []
+_RECORD_HOOKS: list[RecordHook] = []
 _PENDING = "styleinject_job_transitions"
 
 
@@ -77,19 +97,33 @@ def on_transition(callback: TransitionHook) -> TransitionHook:
     return callback
 
 
-def remove_hook(callback: TransitionHook) -> None:
-    if callback in _HOOKS:
-        _HOOKS.remove(callback)
+def on_record(callback: RecordHook) -> RecordHook:
+    """Register ``callback(recorded)``: like ``on_transition``, for progress points and checkpoint
+    and score events."""
+    if callback not in _RECORD_HOOKS:
+        _RECORD_HOOKS.append(callback)
+    return callback
+
+
+def remove_hook(callback: TransitionHook | RecordHook) -> None:
+    for hooks in (_HOOKS, _RECORD_HOOKS):
+        if callback in hooks:
+            hooks.remove(callback)
 
 
 @event.listens_for(Session, "after_commit")
 def _run_hooks(session: Session) -> None:
-    for change in session.info.pop(_PENDING, ()):
-        for hook in list(_HOOKS):
+    changes = session.info.pop(_PENDING, ())
+    if not changes:
+        return
+    url = session.get_bind().url.render_as_string(hide_password=False)
+    for change in changes:
+        change = dataclasses.replace(change, database_url=url)
+        for hook in list(_HOOKS if isinstance(change, Transition) else _RECORD_HOOKS):
             try:
                 hook(change)
             except Exception:  # noqa: BLE001 - a hook must never undo or block a status change
-                log.exception("job transition hook %r failed for %s", hook, change)
+                log.exception("job hook %r failed for %s", hook, change)
 
 
 @event.listens_for(Session, "after_rollback")
@@ -178,6 +212,7 @@ def record_event(session: Session, job_id: str, kind: str, data: Mapping[str, An
         raise ValueError(f"record_event kind must be checkpoint or score, not {kind!r}")
     row = JobEvent(job_id=job_id, at=utcnow(), kind=kind, status=status, data=_json_safe(dict(data)))
     session.add(row)
+    session.info.setdefault(_PENDING, []).append(Recorded(job_id, kind, row.at, dict(row.data)))
     return row
 
 
@@ -213,6 +248,7 @@ def record_progress(
         session.add(JobEvent(job_id=job_id, at=now, kind="progress", status="running", data=progress))
         session.flush()
         _thin(session, job_id)
+    session.info.setdefault(_PENDING, []).append(Recorded(job_id, "progress", now, progress))
     return True
 
 

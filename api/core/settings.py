@@ -84,6 +84,17 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None
     metrics_port: int | None = None
 
+    # Webhooks (docs/service.md "Webhooks"). Jobs may POST to private, loopback, link-local or
+    # reserved addresses only with webhook_allow_private (SSRF; an admin's choice for an internal
+    # receiver). A delivery is tried at most webhook_max_attempts times, the n-th retry after
+    # webhook_backoff_s x 2^(n-1) seconds (at most an hour); progress events at most once per
+    # webhook_progress_interval_s per job.
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = Field(10.0, gt=0, le=60)
+    webhook_max_attempts: int = Field(6, ge=1, le=20)
+    webhook_backoff_s: float = Field(10.0, ge=0)
+    webhook_progress_interval_s: float = Field(30.0, ge=0)
+
     # Logs (docs/ops.md "Logs"): "text" or "json" (one object per line) for the API, the workers and
     # `styleinject serve`'s children; every line carries the request id.
     log_format: Literal["text", "json"] = "text"

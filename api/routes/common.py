@@ -44,6 +44,8 @@ def job_out(job: Job) -> JobOut:
         attempts=job.attempts,
         worker_id=job.worker_id,
         checkpoints=[CheckpointOut.model_validate(c) for c in job.checkpoints],
+        webhook_url=job.webhook_url,
+        webhook_events=job.webhook_events,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

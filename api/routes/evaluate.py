@@ -7,8 +7,9 @@ from fastapi import APIRouter, HTTPException, status
 from api.core.celery import TASK_EVALUATE
 from api.core.db.models import Adapter
 from api.core.jobs import create_job, transition
-from api.deps import CeleryDep, SessionDep, TenantDep, get_owned
+from api.deps import CeleryDep, SessionDep, SettingsDep, TenantDep, get_owned
 from api.routes.common import AUTH_ERRORS, errors, job_out
+from api.routes.webhooks import job_webhook
 from api.schemas import EvaluateRequest, JobOut
 
 router = APIRouter(prefix="/evaluate", tags=["jobs"], responses=AUTH_ERRORS)
@@ -21,11 +22,13 @@ router = APIRouter(prefix="/evaluate", tags=["jobs"], responses=AUTH_ERRORS)
     responses=errors(404, 422, 503),
     summary="Score an adapter (scores land on GET /adapters/{id})",
 )
-def create_evaluation(body: EvaluateRequest, session: SessionDep, tenant: TenantDep,
+def create_evaluation(body: EvaluateRequest, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
                       celery: CeleryDep) -> JobOut:
+    webhook = job_webhook(body, settings)
     adapter = get_owned(session, Adapter, body.adapter_id, tenant)
-    job = create_job(session, tenant_id=tenant.id, kind="evaluate",
-                     params=body.model_dump(exclude_none=True) | {"adapter_id": adapter.id})
+    params = body.model_dump(exclude_none=True, exclude={"webhook_url", "webhook_events"})
+    job = create_job(session, tenant_id=tenant.id, kind="evaluate", params=params | {"adapter_id": adapter.id},
+                     **webhook)
     session.commit()
     # the job as accepted: a fast worker may start it before this response is written
     accepted = job_out(job)

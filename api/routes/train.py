@@ -10,6 +10,7 @@ from api.core.jobs import create_job, transition
 from api.core.registry import resolve_model
 from api.deps import CeleryDep, SessionDep, SettingsDep, TenantDep, get_owned
 from api.routes.common import AUTH_ERRORS, errors, job_out
+from api.routes.webhooks import job_webhook
 from api.schemas import JobOut, TrainRequest
 
 router = APIRouter(prefix="/train", tags=["jobs"], responses=AUTH_ERRORS)
@@ -25,6 +26,7 @@ router = APIRouter(prefix="/train", tags=["jobs"], responses=AUTH_ERRORS)
 def create_train_job(
     body: TrainRequest, session: SessionDep, tenant: TenantDep, settings: SettingsDep, celery: CeleryDep
 ) -> JobOut:
+    webhook = job_webhook(body, settings)
     dataset = get_owned(session, Dataset, body.dataset_id, tenant)
     if dataset.status != "ready":
         raise HTTPException(409, f"dataset {dataset.id} is {dataset.status}"
@@ -39,7 +41,7 @@ def create_train_job(
     if body.steps > settings.max_train_steps:
         raise HTTPException(422, f"steps must be <= {settings.max_train_steps} "
                                  "(STYLEINJECT_MAX_TRAIN_STEPS)")
-    params = body.model_dump(exclude_none=True)
+    params = body.model_dump(exclude_none=True, exclude={"webhook_url", "webhook_events"})
     # Models by registered name only: an unknown name is a 422 that reveals nothing about the
     # server's files or the hub, before anything is queued.
     for field in ("base_model", "teacher_model"):
@@ -52,7 +54,7 @@ def create_train_job(
                                      "GET /models (an admin adds models with `styleinject model add`)")
         params[field], params[f"{field}_name"] = source, name
     params.setdefault("base_model", settings.resolved_base_model())
-    job = create_job(session, tenant_id=tenant.id, kind=body.kind, dataset_id=dataset.id, params=params)
+    job = create_job(session, tenant_id=tenant.id, kind=body.kind, dataset_id=dataset.id, params=params, **webhook)
     session.commit()
     # the job as accepted: a fast worker may start it before this response is written
     accepted = job_out(job)

@@ -75,10 +75,13 @@ def test_supervisor_stops_its_child_and_passes_the_environment(tmp_path):
 
 
 def test_task_names_and_settings_without_environment_mutation(tmp_path, monkeypatch):
-    from api.core.celery import TASK_EVALUATE, TASK_GENERATE, TASK_ROUTES, TASK_TRAIN, make_celery, task_for_job
+    from api.core.celery import (GENERATE_QUEUE, TASK_EVALUATE, TASK_GENERATE, TASK_ROUTES, TASK_TRAIN, TASK_WEBHOOK,
+                                 make_celery, task_for_job)
     from api.core.settings import Settings, configure_settings, get_settings
 
-    assert set(TASK_ROUTES) == {TASK_TRAIN, TASK_EVALUATE, TASK_GENERATE}
+    assert set(TASK_ROUTES) == {TASK_TRAIN, TASK_EVALUATE, TASK_GENERATE, TASK_WEBHOOK}
+    # webhooks never wait behind a training job (a train worker runs one task at a time)
+    assert TASK_ROUTES[TASK_WEBHOOK]["queue"] == GENERATE_QUEUE
     assert task_for_job("evaluate") == TASK_EVALUATE and task_for_job("distill") == TASK_TRAIN
     monkeypatch.setenv("STYLEINJECT_HOME", str(tmp_path / "env-home"))
     before = dict(os.environ)
