@@ -100,16 +100,16 @@ def check_url(url: str, *, allow_private: bool) -> tuple[str, list[ipaddress.IPv
     port = port or (443 if parts.scheme == "https" else 80)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise WebhookURLError(f"host {host!r} does not resolve ({exc})") from None
+    except (OSError, UnicodeError, ValueError) as exc:  # gaierror; a label too long for IDNA
+        raise WebhookURLError(f"host {host[:100]!r} does not resolve ({exc})") from None
     addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos))
     if not addresses:
-        raise WebhookURLError(f"host {host!r} does not resolve")
+        raise WebhookURLError(f"host {host[:100]!r} does not resolve")
     if not allow_private:
         refused = [str(a) for a in addresses if not _public(a)]
         if refused:
             raise WebhookURLError(
-                f"host {host!r} resolves to {', '.join(refused)}: private, loopback, link-local, multicast or "
+                f"host {host[:100]!r} resolves to {', '.join(refused)}: private, loopback, link-local, multicast or "
                 "reserved addresses are refused (an admin may allow them with STYLEINJECT_WEBHOOK_ALLOW_PRIVATE=1)")
     return host, addresses
 
