@@ -37,9 +37,13 @@ class UploadError(Exception):
         self.message = message
 
 
-def upload_suffix(filename: str) -> str | None:
+DATASET_TYPES = ("a .zip, .tar, .tar.gz or .tgz of images with same-name .txt captions (or a metadata.jsonl), "
+                 "or, for distillation, a prompts .txt/.jsonl")
+
+
+def upload_suffix(filename: str, suffixes: tuple[str, ...] = ACCEPTED_SUFFIXES) -> str | None:
     lower = filename.lower()
-    for suffix in sorted(ACCEPTED_SUFFIXES, key=len, reverse=True):
+    for suffix in sorted(suffixes, key=len, reverse=True):
         if lower.endswith(suffix):
             return suffix
     return None
@@ -52,14 +56,19 @@ def safe_filename(filename: str) -> str:
     return name or "upload"
 
 
-async def receive_file(request: Request, field: str, dest_dir: Path, max_bytes: int) -> tuple[Path, str, int]:
+async def receive_file(request: Request, field: str, dest_dir: Path, max_bytes: int, *,
+                       suffixes: tuple[str, ...] = ACCEPTED_SUFFIXES, what: str = "dataset",
+                       types: str = DATASET_TYPES) -> tuple[Path, str, int]:
     """Write the multipart field ``field`` to ``dest_dir``; returns (path, original name, size).
+
+    ``suffixes``: the accepted file name endings; ``what`` and ``types`` word the errors (the
+    upload's name, and the accepted types as a phrase).
 
     Raises UploadError (400/413/415/422). The caller removes ``dest_dir`` on error.
     """
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
-        raise UploadError(415, f"send the dataset as multipart/form-data with the file in field '{field}'")
+        raise UploadError(415, f"send the {what} as multipart/form-data with the file in field '{field}'")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
         raise UploadError(413, f"upload is {int(declared)} bytes; the limit is {max_bytes} bytes "
@@ -94,16 +103,11 @@ async def receive_file(request: Request, field: str, dest_dir: Path, max_bytes: 
         original = re.sub(r"[\x00-\x1f\x7f]", "", options.get(b"filename", b"").decode("utf-8", "replace"))
         if not original:
             raise UploadError(422, f"field '{field}' must be a file (with a filename)")
-        suffix = upload_suffix(original)
+        suffix = upload_suffix(original, suffixes)
         if suffix is None:
-            raise UploadError(
-                415,
-                f"{original!r}: unsupported file type; upload a .zip, .tar, .tar.gz or .tgz of images "
-                "with same-name .txt captions (or a metadata.jsonl), or, for distillation, a prompts "
-                ".txt/.jsonl",
-            )
+            raise UploadError(415, f"{original!r}: unsupported file type; upload {types}")
         stem = safe_filename(original)
-        if upload_suffix(stem) != suffix:
+        if upload_suffix(stem, suffixes) != suffix:
             stem = f"upload{suffix}"
         path = dest_dir / stem
         result.update(path=path, original=original, size=0)
@@ -154,5 +158,5 @@ async def receive_file(request: Request, field: str, dest_dir: Path, max_bytes: 
         if state["file"] is not None and not state["file"].closed:
             state["file"].close()
     if "path" not in result:
-        raise UploadError(422, f"multipart field '{field}' (the dataset file) is missing")
+        raise UploadError(422, f"multipart field '{field}' (the {what} file) is missing")
     return result["path"], result["original"], result["size"]

@@ -26,8 +26,7 @@ ENV_PREFIX = "STYLEINJECT_"
 
 
 class Settings(BaseSettings):
-    # An empty variable counts as unset (compose passes `${VAR:-}` through as "").
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", env_ignore_empty=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     home: Path = Path("~/.styleinject")
     database_url: str | None = None
@@ -52,6 +51,8 @@ class Settings(BaseSettings):
 
     # Limits.
     max_upload_bytes: int = 2 * 1024**3
+    # POST /adapters/import: a LoRA file is read into memory to convert it (SDXL LoRAs are up to ~900 MB)
+    max_lora_upload_bytes: int = 1024**3
     max_image_size: int = 1024
     max_num_images: int = 4
     max_inference_steps: int = 150

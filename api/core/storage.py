@@ -41,7 +41,9 @@ from api.core.settings import Settings
 log = logging.getLogger(__name__)
 
 UPLOADS, DATASETS, JOBS, GENERATIONS = "uploads", "datasets", "jobs", "generations"
-KINDS = (UPLOADS, DATASETS, JOBS, GENERATIONS)
+# adapters promoted from a checkpoint or imported from a LoRA file (a train job's own adapter stays in its job folder)
+ADAPTERS = "adapters"
+KINDS = (UPLOADS, DATASETS, JOBS, GENERATIONS, ADAPTERS)
 
 
 class ArtifactStore(abc.ABC):

@@ -109,3 +109,11 @@ def write_tensors(path: str | Path, tensors: dict[str, RawTensor], metadata: dic
         handle.write(encoded)
         for key in sorted(tensors):
             handle.write(tensors[key].data)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (its header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        return dict(handle.metadata() or {})

@@ -187,3 +187,29 @@ def test_cli_import_and_export(tiny_pipeline_path, tmp_path, capsys):
     assert main(["adapter", "export", str(dma), str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("styleinject adapter: error: ") and str(dma) in err and "load_adapter" in err
+
+
+def test_the_api_converts_without_torch(tiny_pipeline_path, tmp_path):
+    """The API image has no torch: its import route's conversion and the export must not need it."""
+    import subprocess
+    import sys
+
+    from tests.service.conftest import REPO
+
+    folder = _random_adapter(tiny_pipeline_path, tmp_path / "ours", StyleInjectConfig(**LORA_CFG))
+    kohya = export_lora(folder, tmp_path / "k.safetensors", format="kohya")
+    code = f"""
+import sys
+from pathlib import Path
+from api.routes.adapters import convert_lora
+from styleinject.interop import export_lora
+config, meta, size = convert_lora(Path({str(kohya)!r}), "k.safetensors", Path({str(tmp_path / 'api')!r}),
+                                  {str(tiny_pipeline_path)!r}, "tiny")
+assert config["rank_pattern"] and meta["lora_format"] == "kohya" and len(meta["sha256"]) == 64, meta
+export_lora({str(tmp_path / 'api')!r}, {str(tmp_path / 'd.safetensors')!r}, format="diffusers")
+bad = [m for m in ("torch", "diffusers", "transformers") if m in sys.modules]
+assert not bad, bad
+"""
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+    assert read_tensors(tmp_path / "api" / "adapter_model.safetensors")[0] == read_tensors(
+        folder / "adapter_model.safetensors")[0]
