@@ -244,6 +244,7 @@ def test_openapi_is_complete(client):
         ("/jobs/{job_id}/events", "get"), ("/jobs/{job_id}/history", "get"), ("/adapters", "get"),
         ("/adapters/{adapter_id}", "get"),
         ("/adapters/{adapter_id}/download", "get"), ("/adapters/{adapter_id}", "delete"),
+        ("/adapters/import", "post"), ("/adapters/{adapter_id}/export", "get"),
         ("/generate", "post"), ("/evaluate", "post"), ("/dashboard", "get"), ("/healthz", "get"),
     }
     found = {(path, method) for path, ops in schema["paths"].items() for method in ops}
