@@ -39,9 +39,11 @@ from styleinject import StyleInjectConfig, count_parameters, inject
 
 from styleinject.assets import TOY_BASE
 
+from ..mechanism import PARTS, mechanism_shares, record_unet_inputs
 from ..runner import mean_ci
-from .alignment import evaluate_alignment
+from .alignment import PROMPT_SEED, evaluate_alignment
 from .dataset import SCENES_FILE, write_dataset
+from .render import caption, scene_at
 
 DATA_SEED = 3
 TARGETS = ["to_q", "to_v"]
@@ -65,6 +67,29 @@ def lora_matching(model: str, cfg: StyleInjectConfig, convs=()) -> StyleInjectCo
 
 
 CONVS = ["conv1", "conv2"]
+
+# mechanism shares: 20 held-out prompts, sampling seed 0, four of the 30 sampling steps
+SHARE_PROMPTS, SHARE_SEEDS, SHARE_AT_STEPS = 20, (0,), (0, 10, 20, 29)
+_share_inputs: dict[str, tuple] = {}
+
+
+def adapter_shares(model: str, adapter_dir: str | Path) -> dict:
+    """``mechanism_shares`` of a trained adapter folder on the base model's own sampling inputs
+    (held-out prompts of world ``PROMPT_SEED``, 30 steps, guidance 4, as ``evaluate_alignment``)."""
+    from styleinject.adapters import delete_adapter, load_adapter
+    from styleinject.pipeline import load_pipeline
+
+    if model not in _share_inputs:  # one pipeline and one recording per base model and process
+        pipe = load_pipeline(model, device="cpu")
+        prompts = [caption(scene_at(PROMPT_SEED, i)) for i in range(SHARE_PROMPTS)]
+        _share_inputs[model] = (pipe, record_unet_inputs(pipe, prompts, seeds=SHARE_SEEDS, steps=30, guidance=4.0,
+                                                         at_steps=SHARE_AT_STEPS, width=32, height=32))
+    pipe, inputs = _share_inputs[model]
+    load_adapter(pipe.unet, adapter_dir, "shares")
+    try:
+        return mechanism_shares(pipe.unet, inputs, "shares")
+    finally:
+        delete_adapter(pipe.unet, "shares")
 
 
 def variants(experiment: str, model: str, convs: bool = False) -> dict[str, StyleInjectConfig]:
@@ -123,6 +148,9 @@ def run(experiment: str, *, model: str, checker: str, clip: str, style: str, see
             done = run_dir / "row.json"
             if done.exists():
                 row = json.loads(done.read_text())
+                if "shares" not in row and (run_dir / "adapter_config.json").exists():  # a run from before shares
+                    row["shares"] = adapter_shares(model, run_dir)
+                    done.write_text(json.dumps(row, indent=2) + "\n")
                 rows.append({**row, "variant": name})
                 log(f"cached: {name} seed {seed} ({run_dir})")
                 continue
@@ -136,7 +164,8 @@ def run(experiment: str, *, model: str, checker: str, clip: str, style: str, see
             rep = evaluate_alignment(model, checker, clip, n=n_eval, seeds=(seed,), adapter=str(run_dir),
                                      style=style, out=run_dir / "eval")
             row = {"variant": name, "seed": seed, "params": n_params, "final_loss": result.loss,
-                   "train_s": round(train_s, 1), "run": key, **{k: v[0] for k, v in rep["per_seed"].items()}}
+                   "train_s": round(train_s, 1), "run": key, **{k: v[0] for k, v in rep["per_seed"].items()},
+                   "shares": adapter_shares(model, run_dir)}
             if curve_every:
                 row["curve"] = []
                 for ck in result.checkpoints:
@@ -158,6 +187,9 @@ def run(experiment: str, *, model: str, checker: str, clip: str, style: str, see
         table[name] = {"params": mine[0]["params"],
                        **{k: mean_ci([r[k] for r in mine]) for k in METRICS},
                        "train_s": mean_ci([r["train_s"] for r in mine])}
+        if all("shares" in r for r in mine):
+            table[name]["shares"] = {part: mean_ci([r["shares"]["shares"][part] for r in mine])
+                                     for part in PARTS if mine[0]["shares"]["shares"][part] is not None}
         if curve_every:
             steps_seen = sorted({c["step"] for r in mine for c in r["curve"]})
             table[name]["curve"] = [
@@ -240,6 +272,17 @@ def markdown_table(results: dict) -> str:
         for name, d in paired.items():
             lines.append(f"| {name} | {_fmt(d['style'])} | {_fmt(d.get('style_dist'))} | {_fmt(d['all'])} | "
                          f"{_fmt(d['clipscore'], 1)} |")
+    shares = {n: t["shares"] for n, t in results["table"].items() if t.get("shares")}
+    if shares:
+        lines += ["", "Mechanism shares (`styleinject.eval.mechanism`): the fraction of each adapter's effect on "
+                  "the predicted noise that goes away when one part is removed (mean ± 95% CI over seeds; "
+                  "blank: the adapter has no such part). A part under 10% is **not exercised**: a comparison "
+                  "that rests on it tests little.", "",
+                  "| variant | " + " | ".join(PARTS) + " |", "|---" * (len(PARTS) + 1) + "|"]
+        for name, sh in shares.items():
+            cells = [(_fmt(sh[p]) + ("" if sh[p]["mean"] >= 0.1 else " (not exercised)")) if p in sh else ""
+                     for p in PARTS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     curves = {n: t["curve"] for n, t in results["table"].items() if t.get("curve")}
     if curves:
         lines += ["", "Over training (attribute acc all / style acc / toy CLIPScore):", "",
@@ -253,9 +296,10 @@ def markdown_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Toy-world StyleInject vs LoRA experiments.")
-    p.add_argument("experiment", choices=("equal-params", "ablation", "n-sweep", "distill", "long", "table"),
-                   help="the experiment to run, or 'table' to reprint the tables of an earlier results.json")
-    p.add_argument("results", nargs="?", help="table: the results.json an experiment wrote")
+    p.add_argument("experiment", choices=("equal-params", "ablation", "n-sweep", "distill", "long", "table", "shares"),
+                   help="the experiment to run; 'table' reprints the tables of an earlier results.json; "
+                        "'shares' prints the mechanism shares of trained adapter folders (JSON)")
+    p.add_argument("results", nargs="*", help="table: the results.json an experiment wrote; shares: adapter folders")
     p.add_argument("--convs", action="store_true", help="also adapt the resnet conv1/conv2 in every variant")
     p.add_argument("--curve-every", type=int, default=0,
                    help="long: score a checkpoint every N steps (default: steps / 4)")
@@ -274,14 +318,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", default="runs/experiments")
     a = p.parse_args(argv)
     if a.experiment == "table":
-        if not a.results:
+        if len(a.results) != 1:
             p.error("table needs the results.json to print, e.g. `table docs/results/ablation-stripes-convs.json`")
         try:
-            print(markdown_table(json.loads(Path(a.results).read_text())), end="")
+            print(markdown_table(json.loads(Path(a.results[0]).read_text())), end="")
         except (OSError, ValueError, KeyError) as e:
-            p.error(f"{a.results} is not an experiment's results.json ({e!r})")
+            p.error(f"{a.results[0]} is not an experiment's results.json ({e!r})")
         return
     torch.set_num_threads(a.threads)
+    if a.experiment == "shares":
+        if not a.results:
+            p.error("shares needs one or more adapter folders, e.g. `shares runs/experiments/cache/<key>`")
+        for folder in a.results:
+            print(json.dumps({"adapter": folder, **adapter_shares(a.model, folder)}))
+        return
     r = run(a.experiment, model=a.model, checker=a.checker, clip=a.clip, style=a.style, seeds=a.seeds,
             steps=a.steps, lr=a.lr, batch_size=a.batch_size, n_eval=a.n_eval, root=Path(a.root),
             teacher=a.teacher, only=a.only, convs=a.convs,

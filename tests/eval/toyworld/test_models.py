@@ -97,6 +97,11 @@ def test_experiment_runs_end_to_end(tmp_path, tiny_base, tiny_checker, tiny_clip
     assert table["lora r512 (paper's LoRA)"]["params"] == 16 * table["lora r32 (paper rank)"]["params"]
     md = (tmp_path / "equal-params-stripes" / "table.md").read_text()
     assert "| base model, no adapter |" in md and "Paired differences against **styleinject r32 n16" in md
+    # every trained adapter's mechanism shares: LoRA has no router or STA, the paper's StyleInject has both
+    assert "Mechanism shares" in md
+    shares = {r["variant"]: r["shares"]["shares"] for r in results["rows"]}
+    assert shares["lora r32 (paper rank)"]["router"] is None and shares["lora r32 (paper rank)"]["sta"] is None
+    assert shares["styleinject r32 n16 (paper)"]["router"] is not None
 
     # the ablation shares the paper's StyleInject run through the cache instead of training it again
     logs = []
