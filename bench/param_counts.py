@@ -1,4 +1,5 @@
-"""Adapter parameter counts on an SD 1.5-shaped UNet (built from its config, no weights downloaded).
+"""Adapter parameter counts on SD 1.5- and SDXL-shaped UNets (built from their configs on the meta
+device, no weights downloaded).
 
     python bench/param_counts.py            # prints the markdown table used in docs/adapters.md
 """
@@ -18,6 +19,14 @@ SD15_UNET = dict(
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
 
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that differ from the defaults)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    cross_attention_dim=2048, attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
 ROWS = [
     ("LoRA r=32 (to_q, to_v)", StyleInjectConfig.lora(rank=32)),
     ("LoRA r=128 (to_q, to_v)", StyleInjectConfig.lora(rank=128)),
@@ -36,10 +45,18 @@ ROWS = [
 
 
 def sd15_unet():
+    return _meta_unet(SD15_UNET)
+
+
+def sdxl_unet():
+    return _meta_unet(SDXL_UNET)
+
+
+def _meta_unet(config: dict):
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        return UNet2DConditionModel(**SD15_UNET)
+        return UNet2DConditionModel(**config)
 
 
 def count(unet, cfg: StyleInjectConfig) -> int:
@@ -47,14 +64,15 @@ def count(unet, cfg: StyleInjectConfig) -> int:
 
 
 def main() -> None:
-    unet = sd15_unet()
-    base = sum(p.numel() for p in unet.parameters())
-    print(f"SD 1.5 UNet: {base / 1e6:.1f} M parameters\n")
-    print("| adapter | parameters | % of UNet |")
-    print("|---|---:|---:|")
-    for label, cfg in ROWS:
-        n = count(unet, cfg)
-        print(f"| {label} | {n / 1e6:.2f} M | {100 * n / base:.2f} % |")
+    for name, unet in (("SD 1.5", sd15_unet()), ("SDXL", sdxl_unet())):
+        base = sum(p.numel() for p in unet.parameters())
+        print(f"{name} UNet: {base / 1e6:.1f} M parameters\n")
+        print("| adapter | parameters | % of UNet |")
+        print("|---|---:|---:|")
+        for label, cfg in ROWS:
+            n = count(unet, cfg)
+            print(f"| {label} | {n / 1e6:.2f} M | {100 * n / base:.2f} % |")
+        print()
 
 
 if __name__ == "__main__":
