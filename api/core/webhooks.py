@@ -43,7 +43,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import make_url
 
 from api.core.celery import TASK_WEBHOOK, make_celery
@@ -132,8 +132,13 @@ def new_secret() -> str:
 def tenant_secret(session, tenant: Tenant, *, rotate: bool = False) -> str:
     """The tenant's signing secret, created on first use (or replaced with ``rotate``); the caller
     commits. Deliveries are signed when they are sent, so after a rotation retries use the new one."""
-    if rotate or not tenant.webhook_secret:
+    if rotate:
         tenant.webhook_secret = new_secret()
+    elif not tenant.webhook_secret:
+        # only if still unset: a first request and a first delivery racing agree on one secret
+        session.execute(update(Tenant).where(Tenant.id == tenant.id, Tenant.webhook_secret.is_(None))
+                        .values(webhook_secret=new_secret()).execution_options(synchronize_session=False))
+        session.refresh(tenant, ["webhook_secret"])
     return tenant.webhook_secret
 
 
