@@ -22,8 +22,8 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import __version__, metrics
-from api.routes import (adapters, dashboard, datasets, evaluate, generate, generations, health, jobs, login, models,
-                        train, webhooks)
+from api.routes import (adapters, checkpoints, dashboard, datasets, evaluate, generate, generations, health, jobs,
+                        login, models, train, webhooks)
 from api.core import webhooks as job_webhooks
 from api.core.celery import make_celery
 from api.core.logs import RequestIdMiddleware, connect_celery_publisher, install_api_logging
@@ -89,8 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_api_logging(settings.log_format)  # STYLEINJECT_LOG_FORMAT for uvicorn's logs and ours
     connect_celery_publisher()  # each task queued while a request runs carries its id to the worker
     install_log_redaction()  # no key material in the access log (?key=...), ours or uvicorn's
-    for module in (datasets, train, jobs, adapters, generate, generations, evaluate, models, webhooks, dashboard,
-                   login, health, metrics):
+    for module in (datasets, train, jobs, checkpoints, adapters, generate, generations, evaluate, models, webhooks,
+                   dashboard, login, health, metrics):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

@@ -139,7 +139,17 @@ class TrainRequest(JobWebhook):
     checkpoint_every: int | None = Field(_train_default("checkpoint_every"), ge=1)
     keep_checkpoints: int | None = Field(_train_default("keep_checkpoints"), ge=1, le=100)
     validation_every: int | None = Field(_train_default("validation_every"), ge=0)
-    validation_prompts: list[str] | None = Field(default_factory=lambda: _train_default("validation_prompts"))
+    validation_prompts: list[str] | None = Field(default_factory=lambda: _train_default("validation_prompts"),
+                                                 description="Prompts of the validation grid; default: the "
+                                                 "first captions of the dataset (dreambooth: instance_prompt)")
+    validation_seeds: list[int] | None = Field(default_factory=lambda: _train_default("validation_seeds"),
+                                               min_length=1, max_length=8,
+                                               description="Sampling seeds of the validation grid (one column each)")
+    checkpoint_samples: bool = Field(True, description="Render the validation grid into every checkpoint "
+                                     "(GET /jobs/{id}/checkpoints/{step}/samples.png) and score it with the "
+                                     "server's checkpoint scorers; the library's default is off")
+    select_metric: ScorerName = Field("clipscore", description="The score that marks a job's best checkpoint "
+                                      "(highest wins) among those the server's checkpoint scorers give")
     instance_prompt: str | None = Field(_train_default("instance_prompt"),
                                         description="dreambooth: the identifier prompt")
     class_prompt: str | None = Field(_train_default("class_prompt"),
@@ -165,6 +175,12 @@ class CheckpointOut(_Out):
     adapter_id: str | None = None
     step: int
     created_at: datetime
+    samples_url: str | None = Field(None, description="The validation grid (PNG: a row per prompt, a column "
+                                    "per seed), if the job renders one")
+    samples: dict[str, Any] | None = Field(None, description="The grid's prompts, seeds and sampling settings")
+    scores: dict[str, float] = Field({}, description="Metric -> mean score of the grid's images")
+    best: bool = Field(False, description="Highest score in the job's select_metric among the kept checkpoints")
+    promoted_adapter_id: str | None = Field(None, description="The adapter promoted from this checkpoint, if any")
 
 
 class JobOut(BaseModel):
@@ -198,7 +214,8 @@ class JobEventOut(_Out):
     status: str | None = Field(None, description="status events: the new status; progress: running")
     data: dict[str, Any] | None = Field(
         None, description="status: {from (null when created), error?, worker_id?, attempt?}; progress: {step, total, loss, lr, "
-        "samples_per_s, eta_s, terms}; checkpoint: {step, name}; score: {metric, value}")
+        "samples_per_s, eta_s, terms}; checkpoint: {step, name}; score: {metric, value, step?} (step: a "
+        "checkpoint's score while training; error instead of value when its scorer failed)")
 
 
 class JobHistoryOut(BaseModel):
@@ -224,10 +241,18 @@ class AdapterOut(BaseModel):
     kind: str
     base_model: str
     job_id: str | None = None
+    source_job_id: str | None = Field(None, description="Promoted from a checkpoint: the job it came from")
+    source_step: int | None = Field(None, description="Promoted from a checkpoint: its step")
     config: dict[str, Any]
     metadata: dict[str, Any]
     size_bytes: int
     created_at: datetime
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=255, description="Default: the job's adapter name + -stepN")
 
 
 class AdapterDetail(AdapterOut):

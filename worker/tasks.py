@@ -26,6 +26,7 @@ from api.core.jobs import record_event
 from api.core.settings import get_settings
 from api.core.storage import JOBS, ArtifactStore, make_store
 from worker.celery_app import celery_app
+from worker.checkpoints import CheckpointScorer, attach_final_scores
 from worker.lease import JobLease
 from worker.metrics import observe_training, training_done
 
@@ -80,6 +81,7 @@ def _checkpoint_step(path: Path) -> int:
 def _sync_checkpoints(session, job_id: str, output_dir: Path, adapter_id: str | None = None) -> None:
     """Make the job's checkpoint rows match the complete checkpoint folders on disk."""
     from styleinject.train.checkpoint import list_checkpoints
+    from styleinject.train.validation import read_samples
 
     on_disk = {str(p): p for p in list_checkpoints(output_dir)}
     rows = {c.path: c for c in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id))}
@@ -91,7 +93,10 @@ def _sync_checkpoints(session, job_id: str, output_dir: Path, adapter_id: str | 
     for path, p in on_disk.items():
         if path not in rows:
             step = _checkpoint_step(p)
-            session.add(Checkpoint(job_id=job_id, adapter_id=adapter_id, step=step, path=path))
+            row = Checkpoint(job_id=job_id, adapter_id=adapter_id, step=step, path=path)
+            if (samples := read_samples(p)) is not None:  # its validation grid (checkpoint_samples)
+                row.samples = {k: samples[k] for k in ("prompts", "seeds", "steps", "guidance_scale", "resolution")}
+            session.add(row)
             record_event(session, job_id, "checkpoint", {"step": step, "name": p.name})
 
 
@@ -131,10 +136,14 @@ def train(self, job_id: str) -> dict[str, Any]:
     if store.exists(JOBS, job_id):  # a redelivered job resumes from the checkpoints stored so far
         store.get_dir(JOBS, job_id)
 
+    scorer = CheckpointScorer(settings, job["params"].get("base_model") or settings.resolved_base_model())
+
     def record_checkpoints() -> None:
         store.put_dir(JOBS, job_id, output_dir)  # checkpoints outlive this machine (no-op locally)
         with session_scope(settings.database_url) as session:
             _sync_checkpoints(session, job_id, output_dir)
+        with session_scope(settings.database_url) as session:  # rows first: the page shows them while scoring
+            scorer.score_new(session, job_id)
 
     seen: set[Path] = set()
     last_step = [0]
@@ -210,6 +219,8 @@ def train(self, job_id: str) -> dict[str, Any]:
         adapter.size_bytes = store.size(JOBS, job_id)
         session.flush()
         _sync_checkpoints(session, job_id, output_dir, adapter.id)
+        scorer.score_new(session, job_id)
+        attach_final_scores(session, job_id, adapter.id, result.steps_done)
         adapter_id = adapter.id
     lease.finish("succeeded", result=summary | {"adapter_id": adapter_id})
     return {"job_id": job_id, "status": "succeeded", "adapter_id": adapter_id}

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     bootstrap_key: SecretStr | None = None
     # Evaluation scorer weights (hub ids or local folders), JSON: {"clipscore": "/models/clip", ...}
     scorer_paths: dict[str, str] = {}
+    # Scorers of every checkpoint's validation grid while a job trains (JSON list of scorer names;
+    # [] = off). Unset: clipscore, plus toystyle when the job trains the toy base model, which is
+    # then scored with the packaged toy CLIP unless scorer_paths names another.
+    checkpoint_scorers: list[str] | None = None
 
     # Limits.
     max_upload_bytes: int = 2 * 1024**3
@@ -160,7 +164,7 @@ class Settings(BaseSettings):
                 continue
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
-            elif isinstance(value, dict):
+            elif isinstance(value, (dict, list)):
                 value = json.dumps(value)
             env[ENV_PREFIX + name.upper()] = str(value)
         return env

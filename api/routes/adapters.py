@@ -20,13 +20,14 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 from starlette.background import BackgroundTask
 
+from api.checkpoints import checkpoint_outs
 from api.core.db.models import Adapter, new_id
 from api.core.db.session import session_scope
 from api.core.registry import resolve_model
 from api.core.storage import ADAPTERS, UPLOADS
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep, get_owned
 from api.routes.common import AUTH_ERRORS, adapter_out, errors
-from api.schemas import AdapterDetail, AdapterOut, CheckpointOut, EvalScoreOut
+from api.schemas import AdapterDetail, AdapterOut, EvalScoreOut
 from api.uploads import UploadError, receive_file, safe_filename
 
 router = APIRouter(prefix="/adapters", tags=["adapters"], responses=AUTH_ERRORS)
@@ -55,7 +56,7 @@ def read_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep) -> Ada
     adapter = get_owned(session, Adapter, adapter_id, tenant)
     return AdapterDetail(
         **adapter_out(adapter),
-        checkpoints=[CheckpointOut.model_validate(c) for c in adapter.checkpoints],
+        checkpoints=[c for c in checkpoint_outs(adapter.job) if c.adapter_id == adapter.id] if adapter.job else [],
         eval_scores=[EvalScoreOut.model_validate(s) for s in adapter.eval_scores],
     )
 
@@ -99,6 +100,7 @@ def delete_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep, stor
     if ref is not None:
         store.delete(*ref)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
 
 # -- LoRA files in and out (docs/adapters.md "LoRA files in and out") --------------------------------
 

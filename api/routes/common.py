@@ -14,7 +14,8 @@ from sse_starlette import EventSourceResponse
 
 from api.core.db.models import Adapter, Job
 from api.core.registry import display_name
-from api.schemas import AdapterOut, CheckpointOut, ErrorOut, JobOut
+from api.checkpoints import checkpoint_outs
+from api.schemas import AdapterOut, ErrorOut, JobOut
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -43,7 +44,7 @@ def job_out(job: Job) -> JobOut:
         cancel_requested=job.cancel_requested,
         attempts=job.attempts,
         worker_id=job.worker_id,
-        checkpoints=[CheckpointOut.model_validate(c) for c in job.checkpoints],
+        checkpoints=checkpoint_outs(job),
         webhook_url=job.webhook_url,
         webhook_events=job.webhook_events,
         created_at=job.created_at,
@@ -66,6 +67,8 @@ def adapter_out(adapter: Adapter) -> dict[str, Any]:
         kind=adapter.kind,
         base_model=adapter_base_model(adapter),
         job_id=adapter.job_id,
+        source_job_id=adapter.source_job_id,
+        source_step=adapter.source_step,
         config=adapter.config or {},
         metadata=adapter.meta or {},
         size_bytes=adapter.size_bytes,

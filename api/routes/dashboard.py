@@ -33,6 +33,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.auth import authenticate
+from api.checkpoints import select_metric
 from api.core.db.models import Adapter, Dataset, EvalScore, Job, Tenant
 from api.core.jobs import history
 from api.core.settings import Settings
@@ -136,7 +137,7 @@ def read_job_page(job_id: str, request: Request, session: SessionDep, settings: 
     events = [JobEventOut.model_validate(e).model_dump(mode="json") for e in history(session, job.id)]
     return _page(request, "job.html", {
         "tenant": tenant, "job": out, "nav": "jobs",
-        "queue_position": job_queue_position(session, job),
+        "queue_position": job_queue_position(session, job), "select_metric": select_metric(job),
         "events": [e for e in events if e["kind"] != "progress"],
         "initial": _script_json({"job": out.model_dump(mode="json"), "events": events}),
     })

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -97,4 +98,5 @@ async def stream_job_events(
             return job_out(get_owned(session, Job, job_id, tenant)).model_dump(mode="json")
 
     return await poll_stream(request, snapshot, event="progress", final=FINISHED, interval_s=EVENTS_POLL_S,
-                             changed=lambda j: (j["status"], j["progress"], j["error"], j["adapter_id"]))
+                             changed=lambda j: (j["status"], j["progress"], j["error"], j["adapter_id"],
+                                                json.dumps(j["checkpoints"], sort_keys=True)))

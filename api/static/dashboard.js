@@ -143,12 +143,102 @@ const SI = (() => {
     setTimeout(tick, 3000);
   }
 
+  // -- checkpoints: a card per checkpoint (sample grid, scores, best badge, promote) and one score
+  // chart per metric. Scores come from the job's score events (history, kept for pruned checkpoints
+  // too) and from each checkpoint of the live job snapshots; update() returns lines for the log.
+  function checkpointView(jobId, container, charts, events) {
+    const metric = container.dataset.metric;
+    const cards = new Map(), scores = {};  // scores: metric -> Map(step -> value)
+    const palette = ["#2f9e44", "#9c36b5", "#0b7285", "#c2671b"];
+    const addScore = (name, step, value) => {
+      if (value === null || value === undefined || step === null || step === undefined) return false;
+      const series = (scores[name] ||= new Map()), had = series.get(step) === value;
+      series.set(step, value);
+      return !had;
+    };
+    for (const e of events) if (e.kind === "score" && e.data) addScore(e.data.metric, e.data.step, e.data.value);
+
+    const promoted = (node, adapterId, name) => node.replaceChildren("adapter ",
+      el("a", { href: `/dashboard/playground?adapter=${adapterId}`, title: adapterId },
+        el("code", { text: name || adapterId.slice(0, 8) })));
+
+    const card = c => {
+      const grid = c.samples_url
+        ? el("a", { href: c.samples_url, target: "_blank", class: "grid-link" },
+            el("img", { src: c.samples_url, alt: `validation samples at step ${c.step}`, class: "grid" }))
+        : el("div", { class: "no-grid muted", text: "no sample grid" });
+      const info = el("figcaption", {},
+        el("div", { class: "ckpt-head" }, el("strong", { text: `step ${c.step}` }), el("span", { class: "badge", text: "best" })),
+        el("dl", { class: "scores" }), el("div", { class: "promote" }));
+      if (c.samples && c.samples.prompts) {
+        const list = el("ol", {}, ...c.samples.prompts.map(p => el("li", { text: p || "(empty prompt)" })));
+        info.append(el("details", {}, el("summary", { text: `rows: ${c.samples.prompts.length} prompts · columns: seeds ${c.samples.seeds.join(", ")}` }), list));
+      }
+      const node = el("figure", { class: "ckpt", "data-step": c.step, "data-id": c.id }, grid, info);
+      const button = el("button", { type: "button", class: "promote-button", text: "Promote to adapter" });
+      button.addEventListener("click", async () => {
+        button.disabled = true;
+        try {
+          const adapter = await api("POST", `/jobs/${jobId}/checkpoints/${c.step}/promote`, {});
+          promoted($(".promote", node), adapter.id, adapter.name);
+        } catch (err) {
+          $(".promote", node).append(el("div", { class: "error", text: err.message }));
+          button.disabled = false;
+        }
+      });
+      $(".promote", node).append(button);
+      return node;
+    };
+
+    const drawCharts = total => {
+      const names = Object.keys(scores).sort((a, b) => (b === metric) - (a === metric) || a.localeCompare(b));
+      names.forEach((name, i) => {
+        let figure = charts.querySelector(`figure[data-metric="${name}"]`);
+        if (!figure) {
+          figure = el("figure", { class: "score-figure", "data-metric": name },
+            el("figcaption", { text: `Checkpoint score: ${name}${name === metric ? " (picks the best)" : ""}` }),
+            el("div", { class: "chart" }));
+          charts.append(figure);
+        }
+        const points = [...scores[name].entries()].sort((a, b) => a[0] - b[0]);
+        lineChart($(".chart", figure), points, { color: palette[i % palette.length], xmax: total, label: `${name} by checkpoint step` });
+      });
+    };
+
+    function update(list, total) {
+      const lines = [];
+      const empty = $(".empty", container);
+      if (empty && list.length) empty.remove();
+      const keep = new Set(list.map(c => c.id));
+      for (const [id, node] of cards) if (!keep.has(id)) { node.remove(); cards.delete(id); }  // pruned
+      for (const c of [...list].sort((a, b) => a.step - b.step)) {
+        let node = cards.get(c.id);
+        if (!node) {
+          node = card(c);
+          cards.set(c.id, node);
+          const after = [...cards.values()].find(n => n !== node && +n.dataset.step > c.step);
+          container.insertBefore(node, after || null);
+          lines.push(`checkpoint at step ${c.step}`);
+        }
+        node.classList.toggle("best", !!c.best);
+        const dl = $("dl.scores", node), entries = Object.entries(c.scores || {}).sort();
+        dl.replaceChildren(...entries.flatMap(([k, v]) => [el("dt", { class: k === metric ? "chosen" : "", text: k }), el("dd", { text: fmt(v, 4) })]));
+        if (!entries.length) dl.append(el("dt", { class: "muted", text: c.samples_url ? "scoring…" : "not scored" }));
+        for (const [k, v] of entries) if (addScore(k, c.step, v)) lines.push(`score ${k} = ${fmt(v, 4)} at step ${c.step}`);
+        if (c.promoted_adapter_id && !$(".promote a", node)) promoted($(".promote", node), c.promoted_adapter_id);
+      }
+      drawCharts(total);
+      return lines;
+    }
+    return { update };
+  }
+
   // -- job page ------------------------------------------------------------------------------------
   function jobPage(jobId) {
     const initial = JSON.parse($("#initial").textContent);
     const loss = [], lr = [], terms = {};  // terms: a multi-term loss's parts (distill), by name
     const palette = ["#2a6fdb", "#c2671b", "#2f9e44", "#9c36b5", "#e03131", "#0b7285"];
-    const checkpoints = new Set(initial.job.checkpoints.map(c => c.id));
+    const ckpts = checkpointView(jobId, $("#checkpoints"), $(".charts"), initial.events);
     let lastStep = -1;
 
     const addPoint = p => {
@@ -182,6 +272,7 @@ const SI = (() => {
 
     for (const e of initial.events) if (e.kind === "progress") addPoint(e.data);
     draw();
+    ckpts.update(initial.job.checkpoints, total);
 
     const update = job => {
       const p = job.progress;
@@ -202,17 +293,7 @@ const SI = (() => {
       if (job.finished_at) $("#finished").textContent = job.finished_at.slice(0, 19).replace("T", " ") + " UTC";
       const error = $("#error");
       if (job.error) { error.textContent = job.error; error.hidden = false; }
-      const body = $("#checkpoints");
-      for (const c of job.checkpoints) {
-        if (checkpoints.has(c.id)) continue;
-        checkpoints.add(c.id);
-        const empty = $("tr.empty", body);
-        if (empty) empty.remove();
-        body.append(el("tr", {}, el("td", { text: c.step }),
-          el("td", { class: "nowrap", text: c.created_at.slice(0, 19).replace("T", " ") }),
-          el("td", {}, el("code", { text: c.id }))));
-        log(document.createTextNode(`checkpoint at step ${c.step}`));
-      }
+      for (const line of ckpts.update(job.checkpoints, total)) log(document.createTextNode(line));
       const status = $("#status");
       if (status.textContent !== job.status) {
         log(el("span", { class: `status ${job.status}`, text: job.status }));

@@ -97,6 +97,9 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
                     help="sampling seeds of the validation grid (one column each)")
     tr.add_argument("--checkpoint-samples", action="store_true",
                     help="render the validation grid into every checkpoint (samples.png)")
+    tr.add_argument("--validation-guidance", type=float, default=train("validation_guidance_scale"),
+                    dest="validation_guidance_scale", help="guidance scale of the validation grid (default: the "
+                    "base model's, from its generation_defaults.json, else 7.5)")
     tr.add_argument("--sample-steps", type=int, default=train("sample_steps"),
                     help="Euler Ancestral steps for validation"
                     + {"distill": ", teacher samples", "dreambooth": ", class images"}.get(kind, "") + " images")
@@ -184,7 +187,8 @@ def config_from_args(args: argparse.Namespace):
         snr_gamma=args.snr_gamma, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, validation_every=args.validation_every,
         validation_prompts=args.validation_prompts, validation_seeds=args.validation_seeds,
-        checkpoint_samples=args.checkpoint_samples, sample_steps=args.sample_steps,
+        checkpoint_samples=args.checkpoint_samples, validation_guidance_scale=args.validation_guidance_scale,
+        sample_steps=args.sample_steps,
         center_crop=not args.random_crop, random_flip=args.random_flip, skip_bad=args.skip_bad,
         adapter=adapter, **extra)
 

@@ -58,6 +58,7 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=list)  # empty: the data's first captions (validation.py)
     validation_seeds: list[int] = field(default_factory=lambda: [0, 1])  # one grid column each, fixed for the run
     checkpoint_samples: bool = False  # render the validation grid into every checkpoint (samples.png)
+    validation_guidance_scale: float | None = None  # None: the base model's (generation_defaults.json; else 7.5)
     sample_steps: int = 30  # Euler Ancestral steps for validation, teacher samples, class images
     guidance_scale: float = 7.5
     center_crop: bool = _fixed(True)

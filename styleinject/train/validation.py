@@ -1,7 +1,8 @@
 """Validation samples: the same prompts and seeds rendered with the adapter as it trains.
 
 ``write_samples(ctx, unet, folder)`` renders every validation prompt once per validation seed
-(Euler Ancestral, ``sample_steps``, ``guidance_scale``, the training resolution) and writes into
+(Euler Ancestral, ``sample_steps``, ``validation_guidance_scale`` or the model's default guidance,
+the training resolution) and writes into
 ``folder``::
 
     samples.png     the grid: one row per prompt, one column per seed (cells at most 256 px)
@@ -12,7 +13,8 @@ The loop calls it for ``validation_every`` (into ``validation/step-NNNNNN/``) an
 ``checkpoint_samples``, inside each checkpoint before the checkpoint is complete, so a checkpoint
 folder carries its samples wherever it is copied (the service's artifact store, a download).
 Prompts and seeds are fixed for the whole run, so the grids of two checkpoints differ only by
-what the adapter learned in between.
+what the adapter learned in between. ``score_samples(folder, scorers)`` scores them (the service
+does it for every checkpoint as it is written, to mark the best one).
 """
 
 from __future__ import annotations
@@ -68,9 +70,12 @@ def write_samples(ctx: TrainContext, unet, folder: Path) -> dict:
     only; other processes return at once). Returns the ``samples.json`` record."""
     if not ctx.accelerator.is_main_process:
         return {}
-    from styleinject.pipeline import generate
+    from styleinject.pipeline import generate, generation_defaults
 
     cfg = ctx.cfg
+    guidance = cfg.validation_guidance_scale
+    if guidance is None:  # what the playground uses for this model, so the grid looks like its images
+        guidance = generation_defaults(ctx.models.pipe)["guidance_scale"]
     prompts, seeds = sample_prompts(cfg, ctx.data), [int(s) for s in cfg.validation_seeds]
     (folder / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
     model = ctx.accelerator.unwrap_model(unet)
@@ -84,7 +89,7 @@ def write_samples(ctx: TrainContext, unet, folder: Path) -> dict:
                 row, names = [], []
                 for seed in seeds:
                     image = generate(ctx.models.pipe, prompt, seed=seed, steps=cfg.sample_steps,
-                                     guidance_scale=cfg.guidance_scale, width=cfg.resolution,
+                                     guidance_scale=guidance, width=cfg.resolution,
                                      height=cfg.resolution, adapter=cfg.adapter_name)[0]
                     name = f"{SAMPLES_DIR}/p{p:02d}-s{seed}.png"
                     image.save(folder / name)
@@ -96,7 +101,7 @@ def write_samples(ctx: TrainContext, unet, folder: Path) -> dict:
         model.train()
     make_grid(rows).save(folder / GRID_NAME)
     record = {"prompts": prompts, "seeds": seeds, "images": files, "grid": GRID_NAME,
-              "steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale, "resolution": cfg.resolution}
+              "steps": cfg.sample_steps, "guidance_scale": guidance, "resolution": cfg.resolution}
     (folder / SAMPLES_JSON).write_text(json.dumps(record, indent=2))
     return record
 
@@ -107,3 +112,25 @@ def read_samples(folder: str | Path) -> dict | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+def score_samples(folder: str | Path, scorers) -> dict[str, dict] | None:
+    """Score a folder's validation samples (``write_samples``) with loaded ``Scorer`` objects:
+    metric -> {"mean", "ci95", "n_prompts", "n_samples", ...}, the seeds of a prompt averaged first
+    (``styleinject.eval.runner.summarize``). None when the folder has no samples."""
+    from styleinject.eval.runner import summarize
+
+    record = read_samples(folder)
+    if record is None:
+        return None
+    folder = Path(folder)
+    rows, images, prompts = [], [], []
+    for p, (prompt, files) in enumerate(zip(record["prompts"], record["images"], strict=True)):
+        for name in files:
+            rows.append({"prompt_id": f"p{p:02d}", "category": "validation"})
+            images.append(folder / name)
+            prompts.append(prompt)
+    for scorer in scorers:
+        for row, value in zip(rows, scorer.score(images, prompts), strict=True):
+            row[scorer.name] = value
+    return summarize(rows, [s.name for s in scorers])["overall"]

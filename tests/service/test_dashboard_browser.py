@@ -163,7 +163,7 @@ def test_login_without_key_in_url_and_docs_offline(desktop, service):
 def test_job_page_updates_live_and_wraps_errors(desktop, phone, service):
     """A job driven from here (no worker): points, a checkpoint and the failure arrive over SSE."""
     from api.auth import get_or_create_tenant
-    from api.core.db.models import Checkpoint
+    from api.core.db.models import Checkpoint, EvalScore
     from api.core.db.session import session_scope
     from api.core.jobs import create_job, record_event
     from worker.lease import JobLease
@@ -207,7 +207,16 @@ def test_job_page_updates_live_and_wraps_errors(desktop, phone, service):
     # the stream polls the row (0.5 s), so it may skip points written faster: the newest one arrives
     page.wait_for_function("document.querySelector('#progress-text').textContent === '12 / 40'", timeout=15000)
     assert int(page.get_attribute("#loss-chart", "data-points")) > 6
-    page.wait_for_selector("#checkpoints tr:has-text('10')")
+    page.wait_for_selector("#checkpoints figure.ckpt[data-step='10']")
+    # the checkpoint's scores (the worker scores its grid) arrive live: card, badge, chart, log
+    with session_scope(settings.database_url) as session:
+        checkpoint = session.query(Checkpoint).filter_by(job_id=job_id, step=10).one()
+        session.add(EvalScore(checkpoint_id=checkpoint.id, job_id=job_id, metric="clipscore", value=187.5))
+        record_event(session, job_id, "score", {"metric": "clipscore", "value": 187.5, "step": 10})
+    page.wait_for_selector("#checkpoints figure.ckpt.best[data-step='10'] .badge")
+    assert "187.5" in page.inner_text("#checkpoints figure.ckpt[data-step='10'] dl.scores")
+    assert page.get_attribute(".score-figure[data-metric=clipscore] .chart", "data-points") == "1"
+    assert "score clipscore = 187.5 at step 10" in page.inner_text("#log")
     desktop.shot("job-running")
 
     error = "RuntimeError: " + "x" * 1500 + " and then a very long path /" + "/".join(["segment"] * 120)
@@ -278,7 +287,7 @@ def test_real_job_then_playground_compare(desktop, phone, service, api, tmp_path
     desktop.goto(f"/dashboard/jobs/{adapters[0]['id']}")
     page.wait_for_function("document.querySelector('#status').textContent === 'succeeded'", timeout=180000)
     assert int(page.get_attribute("#loss-chart", "data-points")) >= 2
-    assert page.locator("#checkpoints tr").count() >= 1
+    assert page.locator("#checkpoints figure.ckpt").count() >= 1
     assert page.inner_text("#progress-text") == "30 / 30"
     desktop.shot("job-succeeded")
     deadline = time.monotonic() + 180
@@ -319,3 +328,64 @@ def test_real_job_then_playground_compare(desktop, phone, service, api, tmp_path
     phone.page.wait_for_function("document.querySelectorAll('#results img').length === 2", timeout=120000)
     phone.no_horizontal_scroll()
     phone.shot("phone-playground-compare")
+
+
+def test_sample_grids_scores_and_promote(desktop, phone, service, api, tmp_path):
+    """A real job (the service renders a grid into every checkpoint and scores it with the toy CLIP
+    and the attribute checker): watch it, see the grids, the scores and the best, promote one."""
+    with open(dataset_zip(tmp_path / "grid.zip", n=4), "rb") as handle:
+        response = api.post("/datasets", files={"file": ("grid.zip", handle, "application/zip")})
+    assert response.status_code == 201, response.text
+    response = api.post("/train", json={**TRAIN, "dataset_id": response.json()["id"], "name": "gridded",
+                                        "select_metric": "toystyle", "validation_seeds": [0, 1, 2]})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+
+    desktop.login()
+    page = desktop.page
+    desktop.goto(f"/dashboard/jobs/{job_id}")
+    page.evaluate("window.__notReloaded = true")
+    page.wait_for_function("document.querySelector('#status').textContent === 'succeeded'", timeout=240000)
+    assert page.evaluate("window.__notReloaded") is True  # grids and scores arrived over SSE
+    job = api.get(f"/jobs/{job_id}").json()
+    steps = [c["step"] for c in job["checkpoints"]]
+    assert steps == [10, 20, 30]
+    cards = page.locator("#checkpoints figure.ckpt")
+    assert cards.count() == 3
+    page.wait_for_function("[...document.querySelectorAll('#checkpoints img.grid')].length === 3 && "
+                           "[...document.querySelectorAll('#checkpoints img.grid')].every(i => i.complete && i.naturalWidth > 0)")
+    sizes = page.locator("#checkpoints img.grid").evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
+    assert all(size == [3 * 32, 4 * 32] for size in sizes), sizes  # 3 seeds x 4 prompts of 32 px
+    best = [c["step"] for c in job["checkpoints"] if c["best"]]
+    assert len(best) == 1 and page.locator("#checkpoints figure.ckpt.best").count() == 1
+    best_card = page.locator(f"#checkpoints figure.ckpt.best[data-step='{best[0]}']")
+    assert best_card.locator(".badge").is_visible()
+    for card in cards.all():
+        text = card.locator("dl.scores").inner_text()
+        assert "clipscore" in text and "toystyle" in text, text
+    for metric in ("toystyle", "clipscore"):
+        assert page.get_attribute(f".score-figure[data-metric={metric}] .chart", "data-points") == "3"
+    desktop.no_horizontal_scroll()
+    desktop.shot("job-checkpoints")
+
+    best_card.locator("button.promote-button").click()
+    best_card.locator(".promote a").wait_for(timeout=30000)
+    adapter_id = best_card.locator(".promote a").get_attribute("href").rsplit("=", 1)[1]
+    adapter = api.get(f"/adapters/{adapter_id}").json()
+    assert (adapter["source_job_id"], adapter["source_step"]) == (job_id, best[0])
+    assert adapter["name"] == f"gridded-step{best[0]}"
+    best_card.scroll_into_view_if_needed()
+    desktop.shot("job-promoted")
+
+    phone.login()
+    phone.goto(f"/dashboard/jobs/{job_id}")
+    phone.page.wait_for_function("[...document.querySelectorAll('#checkpoints img.grid')].every(i => i.complete && i.naturalWidth > 0)")
+    assert phone.page.locator(f"#checkpoints figure.ckpt[data-step='{best[0]}'] .promote a").count() == 1  # after a reload too
+    other = phone.page.locator("#checkpoints figure.ckpt:not(.best)").first
+    other.locator("button.promote-button").click()
+    other.locator(".promote a").wait_for(timeout=30000)
+    phone.no_horizontal_scroll()
+    phone.shot("phone-job-checkpoints")
+    for promoted in api.get("/adapters").json():  # leave the adapters list as the other tests expect it
+        if promoted["source_job_id"] == job_id:
+            assert api.delete(f"/adapters/{promoted['id']}").status_code == 204

@@ -232,6 +232,10 @@ class Adapter(Base):
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     size_bytes: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # promoted from a checkpoint (POST /jobs/{id}/checkpoints/{step}/promote): the job and step it
+    # came from; null for a train job's own (final) adapter, which job_id links instead
+    source_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    source_step: Mapped[int | None] = mapped_column(Integer)
 
     job: Mapped[Job | None] = relationship(back_populates="adapter", foreign_keys=[job_id])
     checkpoints: Mapped[list[Checkpoint]] = relationship(
@@ -252,24 +256,35 @@ class Checkpoint(Base):
     )
     step: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(Text)
+    # the checkpoint's validation grid (samples.png in its folder): {"prompts", "seeds", ...} as
+    # written by styleinject.train.validation; null when it has none
+    samples: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="checkpoints")
     adapter: Mapped[Adapter | None] = relationship(back_populates="checkpoints")
+    scores: Mapped[list[EvalScore]] = relationship(
+        back_populates="checkpoint", order_by="EvalScore.metric", passive_deletes=True
+    )
 
 
 class EvalScore(Base):
+    """A score of an adapter (an evaluate job) or of a checkpoint (scored as training writes it:
+    ``checkpoint_id`` set, ``adapter_id`` null until the job's adapter exists)."""
+
     __tablename__ = "eval_scores"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    adapter_id: Mapped[str] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), index=True)
+    adapter_id: Mapped[str | None] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), index=True)
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    checkpoint_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"), index=True)
     metric: Mapped[str] = mapped_column(String(64))
     value: Mapped[float] = mapped_column(Float)
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    adapter: Mapped[Adapter] = relationship(back_populates="eval_scores")
+    adapter: Mapped[Adapter | None] = relationship(back_populates="eval_scores")
+    checkpoint: Mapped[Checkpoint | None] = relationship(back_populates="scores")
 
 
 class GenerationRequest(Base):
