@@ -14,7 +14,8 @@ def add_commands(subparsers) -> None:
         "STYLEINJECT_DATABASE_URL, STYLEINJECT_ARTIFACT_ROOT like the API.")
     worker.add_argument("--home", default=None,
                         help="state folder (default $STYLEINJECT_HOME or ~/.styleinject)")
-    worker.add_argument("--queues", default="train,generate", help="comma-separated (default train,generate)")
+    worker.add_argument("--queues", default="train,generate",
+                        help="comma-separated (default train,generate; generate workers also deliver job webhooks)")
     worker.add_argument("--pool", default=None, choices=["prefork", "solo", "threads"],
                         help="default: threads for a generate-only worker (its engine batches the requests "
                         "it holds), else prefork (time limits enforced)")
