@@ -12,7 +12,7 @@ Key layouts (``<m>`` = a UNet module name, e.g. ``down_blocks.0.attentions.0.tra
                   (a PEFT LoraConfig as JSON: ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``)
                   or, absent, alpha = rank (scale 1), as diffusers assumes.
   kohya           ``lora_unet_<m with '.' -> '_'>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``
-                  (absent alpha: alpha = rank, as kohya's scripts assume). Underscores are ambiguous
+                  (absent or 0: alpha = rank, as kohya's scripts assume). Underscores are ambiguous
                   (``down_blocks_0`` is ``down_blocks.0``), so names are matched against the base
                   model's real module names when one is given, else split by diffusers' UNet naming.
 """
@@ -163,7 +163,8 @@ def _parse(file: Path, tensors: dict[str, RawTensor], metadata: dict[str, str],
         module = grouped.setdefault(stem, _Module())
         if part == "alpha":
             try:
-                module.alpha = tensor.scalar()
+                # 0 means "alpha = rank" to kohya's scripts and A1111 (None below), not "scale 0"
+                module.alpha = tensor.scalar() or None
             except ValueError as exc:
                 raise LoraFormatError(f"{file}: {key}: {exc}") from None
         else:

@@ -213,3 +213,21 @@ assert not bad, bad
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
     assert read_tensors(tmp_path / "api" / "adapter_model.safetensors")[0] == read_tensors(
         folder / "adapter_model.safetensors")[0]
+
+
+def test_alpha_zero_means_rank_and_the_older_diffusers_keys(tiny_pipeline_path, tmp_path):
+    kohya = "lora_unet_" + TO_Q.replace(".", "_")
+    tensors = {k: RawTensor("F16", s, np.ones(s, "<f2").tobytes())
+               for k, s in ((f"{kohya}.lora_down.weight", (2, 8)), (f"{kohya}.lora_up.weight", (8, 2)))}
+    write_tensors(tmp_path / "k.safetensors", {**tensors, f"{kohya}.alpha": RawTensor.from_float(0.0)})
+    cfg = StyleInjectConfig.load(import_lora(tmp_path / "k.safetensors", tmp_path / "k", base_model=tiny_pipeline_path))
+    assert cfg.rank_alpha(TO_Q, conv=False) == (2, 2.0)  # kohya's scripts and A1111: alpha 0 = rank
+
+    old = {f"unet.{TO_Q}.lora.down.weight": tensors[f"{kohya}.lora_down.weight"],
+           f"unet.{TO_Q}.lora.up.weight": tensors[f"{kohya}.lora_up.weight"],
+           f"unet.{TO_Q}.alpha": RawTensor.from_float(0.5)}
+    write_tensors(tmp_path / "old.safetensors", old)
+    folder = import_lora(tmp_path / "old.safetensors", tmp_path / "old", base_model=tiny_pipeline_path)
+    assert StyleInjectConfig.load(folder).rank_alpha(TO_Q, conv=False) == (2, 0.5)
+    weights = read_tensors(folder / "adapter_model.safetensors")[0]
+    assert weights[f"{TO_Q}.si_A"].dtype == "F16" and weights[f"{TO_Q}.si_A"].shape == (1, 2, 8)  # kept fp16
