@@ -2,7 +2,8 @@
 STYLEINJECT_WEBHOOK_ALLOW_PRIVATE), a real Celery worker process on Redis delivering, the API in
 process (TestClient) and the worker's side of the job state machine (JobLease, record_event) driven
 here, so each event is produced by the code the worker runs. Checks signatures, the event filter,
-progress throttling, retries with backoff, that a slow receiver holds up nothing, and the SSRF refusals.
+progress throttling, retries with backoff, that a slow receiver holds up nothing, the SSRF refusals,
+and HTTPS to the checked address with the certificate checked against the host name.
 """
 
 from __future__ import annotations
@@ -290,3 +291,74 @@ def test_private_addresses_are_refused_without_the_admin_setting(tmp_path):
         ]:
             response = client.post("/train", json={"dataset_id": "x", **body})
             assert response.status_code == 422 and expected in response.json()["message"], (body, response.text)
+
+
+def _self_signed(folder, name: str) -> tuple[str, str]:
+    """A certificate for DNS name ``name`` (its own issuer) and its key, as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_https_goes_to_the_checked_address_and_verifies_the_host_name(tmp_path, monkeypatch):
+    """The POST connects to the resolved address but TLS still checks the certificate against the
+    URL's host name (sent as SNI): a certificate for another name is refused. Only the trust store
+    is swapped (to trust the test's self-signed certificates)."""
+    pytest.importorskip("cryptography")
+    import ssl
+
+    import httpx
+
+    from api.core.webhooks import post
+
+    settings = Settings(home=tmp_path / "home", webhook_allow_private=True, webhook_timeout_s=5)
+    hosts = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            hosts.append(self.headers["Host"])
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    init = httpx.Client.__init__
+    outcomes = {}
+    for name in ("localhost", "elsewhere.example"):
+        cert, key = _self_signed(tmp_path, name)
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        trust = ssl.create_default_context(cafile=cert)
+        monkeypatch.setattr(httpx.Client, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "verify": trust}))
+        url = f"https://localhost:{server.server_address[1]}/hook"
+        try:
+            outcomes[name] = post(settings, url, b"{}", "whsec_x", event="start", delivery_id="d")
+        except httpx.ConnectError as exc:
+            outcomes[name] = str(exc)
+        finally:
+            server.shutdown()
+    assert outcomes["localhost"] == 204 and len(hosts) == 1 and hosts[0].startswith("localhost:")
+    assert "Hostname mismatch" in outcomes["elsewhere.example"], outcomes
