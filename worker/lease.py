@@ -30,6 +30,7 @@ from api.core.db.models import FINISHED, Job, utcnow
 from api.core.db.session import session_scope
 from api.core.jobs import record_progress, transition
 from api.core.settings import Settings
+from worker.failures import DB_UNREACHABLE, retry_db
 
 log = logging.getLogger("worker.lease")
 
@@ -155,9 +156,14 @@ class JobLease:
         if not (force or last or now - self._last_progress >= self.settings.progress_interval_s):
             return
         self._last_progress = now
-        with self._lock, self._session() as session:
-            mine = record_progress(session, self.job_id, progress, where=self._mine(),
-                                   values={"lease_expires_at": self._expiry(utcnow())})
+        try:
+            with self._lock, self._session() as session:
+                mine = record_progress(session, self.job_id, progress, where=self._mine(),
+                                       values={"lease_expires_at": self._expiry(utcnow())})
+        except DB_UNREACHABLE as exc:  # a database outage skips progress points, the job goes on
+            log.warning("job %s: progress not written (database unreachable: %s)", self.job_id,
+                        str(exc).splitlines()[0][:200])
+            return
         if not mine:
             if not self.lost:
                 log.warning("job %s: lease lost by %s; stopping", self.job_id, self.worker_id)
@@ -171,10 +177,13 @@ class JobLease:
         if now - self._last_cancel_check < 0.25:
             return False
         self._last_cancel_check = now
-        with self._session() as session:
-            row = session.execute(
-                select(Job.cancel_requested, Job.worker_id).where(Job.id == self.job_id)
-            ).one_or_none()
+        try:
+            with self._session() as session:
+                row = session.execute(
+                    select(Job.cancel_requested, Job.worker_id).where(Job.id == self.job_id)
+                ).one_or_none()
+        except DB_UNREACHABLE:  # asked again at the next poll; the job goes on meanwhile
+            return self._cancel
         if row is None or row.worker_id != self.worker_id:
             self.lost = True
         elif row.cancel_requested:
@@ -182,10 +191,15 @@ class JobLease:
         return self._cancel or self.lost
 
     def finish(self, status: str, error: str | None = None, result: dict[str, Any] | None = None) -> bool:
-        """Set the final status (only while the lease is ours)."""
-        with self._lock, self._session() as session:
-            done = transition(session, self.job_id, status, expect=("running",),
-                              where=Job.worker_id == self.worker_id,
-                              values={"error": error, "result": result},
-                              data={"error": error} if error else None)
-            return done is not None
+        """Set the final status (only while the lease is ours); retried through a short database
+        outage (up to the lease TTL, at least 30 s), so a finished job does not stay running."""
+
+        def write() -> bool:
+            with self._lock, self._session() as session:
+                done = transition(session, self.job_id, status, expect=("running",),
+                                  where=Job.worker_id == self.worker_id,
+                                  values={"error": error, "result": result},
+                                  data={"error": error} if error else None)
+                return done is not None
+
+        return retry_db(write, timeout_s=max(30.0, self.settings.lease_ttl_s), what=f"job {self.job_id}: {status}")

@@ -184,7 +184,8 @@ def convert_lora(upload: Path, original: str, dest: Path, source: str, model_nam
     from styleinject.interop.tensorfile import read_metadata
 
     try:
-        import_lora(upload, dest, base_model=source if Path(source).is_dir() else None, base_model_name=source)
+        # the file records the registered name: a server path never travels in a downloaded file
+        import_lora(upload, dest, base_model=source if Path(source).is_dir() else None, base_model_name=model_name)
     except LoraFormatError as exc:
         message = str(exc).replace(str(upload), original).replace(source, model_name)
         raise UploadError(422, f"invalid LoRA file: {message}") from None

@@ -120,7 +120,7 @@ def import_lora(file: str | Path, out_dir: str | Path, base_model=None, *,
     if base_model_name is None and isinstance(base_model, (str, Path)):
         base_model_name = str(Path(base_model).expanduser().resolve())
     header = {"format": "pt", "adapter_type": ADAPTER_TYPE, "styleinject_format_version": FORMAT_VERSION,
-              "kind": "lora-import", "lora_format": fmt, "source_file": file.name}
+              "kind": "import", "lora_format": fmt, "source_file": file.name}
     if base_model_name:
         header["base_model"] = base_model_name
     out_dir = Path(out_dir)
@@ -353,7 +353,7 @@ def export_lora(adapter_dir: str | Path, out_file: str | Path, format: str = "di
     adapter_dir = Path(adapter_dir)
     try:
         cfg = StyleInjectConfig.load(adapter_dir)
-        tensors, header = read_tensors(adapter_dir / WEIGHTS_NAME)
+        tensors, _ = read_tensors(adapter_dir / WEIGHTS_NAME)
     except (FileNotFoundError, ValueError) as exc:
         raise LoraFormatError(f"{adapter_dir} is not an adapter folder: {exc}") from None
     layers = lora_layers(adapter_dir, cfg, tensors)
@@ -381,8 +381,6 @@ def export_lora(adapter_dir: str | Path, out_file: str | Path, format: str = "di
     if format == "kohya":
         metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
                     "ss_network_alpha": _number(alpha)}
-        if header.get("base_model"):
-            metadata["ss_sd_model_name"] = header["base_model"]
     else:
         # diffusers (>= 0.34) builds its PEFT LoraConfig from this; without it, it would assume alpha = rank
         config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(layers),
