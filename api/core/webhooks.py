@@ -220,7 +220,7 @@ def _job_hook(database_url: str, job_id: str) -> tuple[str, list[str]] | None:
 
 
 def _enqueue(database_url: str, job_id: str, event: str, data: dict[str, Any], status: str | None = None) -> None:
-    deployment = _DEPLOYMENTS.get(database_url)
+    deployment = _DEPLOYMENTS.get(_key(database_url))
     if deployment is None:
         return  # a process that did not install webhooks for this database (a CLI, a test)
     settings = deployment.settings
@@ -231,6 +231,8 @@ def _enqueue(database_url: str, job_id: str, event: str, data: dict[str, Any], s
     delivery_id = new_id()
     with session_scope(database_url) as session:
         job = session.get(Job, job_id)
+        if job is None:
+            return  # deleted since the change
         now = utcnow()
         if event == "progress":
             last = session.scalar(select(func.max(WebhookDelivery.created_at))
