@@ -231,3 +231,31 @@ def test_alpha_zero_means_rank_and_the_older_diffusers_keys(tiny_pipeline_path, 
     assert StyleInjectConfig.load(folder).rank_alpha(TO_Q, conv=False) == (2, 0.5)
     weights = read_tensors(folder / "adapter_model.safetensors")[0]
     assert weights[f"{TO_Q}.si_A"].dtype == "F16" and weights[f"{TO_Q}.si_A"].shape == (1, 2, 8)  # kept fp16
+
+
+def test_imported_peft_lora_equals_peft_in_float64(tiny_pipeline_path, tmp_path, unet_inputs):
+    """Per-module ranks and alphas (rank_pattern / alpha_pattern) survive import exactly: the UNet with
+    the imported adapter equals PEFT's UNet with the same LoRA, in float64."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from styleinject import load_adapter
+
+    theirs = _unet(tiny_pipeline_path).double().eval()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v", "conv2"], init_lora_weights=False,
+                        rank_pattern={TO_Q: 2, "conv2": 3}, alpha_pattern={"to_v": 3})
+    theirs.add_adapter(config)
+    metadata = {"r": 4, "lora_alpha": 8, "rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern,
+                "target_modules": sorted(config.target_modules)}
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "peft", unet_lora_layers=get_peft_model_state_dict(theirs),
+                                              unet_lora_adapter_metadata=metadata)
+    folder = import_lora(tmp_path / "peft" / "pytorch_lora_weights.safetensors", tmp_path / "ours",
+                         base_model=tiny_pipeline_path)
+    ours = load_adapter(_unet(tiny_pipeline_path).double().eval(), folder)
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in unet_inputs.items()}
+    with torch.no_grad():
+        want, got = theirs(**inputs).sample, ours(**inputs).sample
+        base = _unet(tiny_pipeline_path).double().eval()(**inputs).sample
+    assert (want - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
