@@ -27,6 +27,7 @@ from api.core.settings import get_settings
 from api.core.storage import JOBS, ArtifactStore, make_store
 from worker.celery_app import celery_app
 from worker.checkpoints import CheckpointScorer, attach_final_scores
+from worker.failures import DB_UNREACHABLE, RETRY_ON_DB_OUTAGE, best_effort, disk_full_error
 from worker.lease import JobLease
 from worker.metrics import observe_training, training_done
 
@@ -117,8 +118,10 @@ def _progress_dict(p) -> dict[str, Any]:
     return {k: getattr(p, k) for k in keys if hasattr(p, k)}
 
 
+# A database outage that outlasts the retries inside (worker/failures.py) retries the task: it
+# re-claims the job (its own lease) and resumes from the newest checkpoint, so nothing stays running.
 @celery_app.task(name=TASK_TRAIN, bind=True, soft_time_limit=_limits.job_soft_time_limit_s,
-                 time_limit=_limits.job_time_limit_s)
+                 time_limit=_limits.job_time_limit_s, **RETRY_ON_DB_OUTAGE)
 def train(self, job_id: str) -> dict[str, Any]:
     settings = get_settings()
     lease = _claim(self, settings, job_id)
@@ -158,9 +161,13 @@ def train(self, job_id: str) -> dict[str, Any]:
         observe_training(job["kind"], point, last_step)
         current = set(list_checkpoints(output_dir))  # rows follow the folders while training
         if current != seen:
+            try:
+                record_checkpoints()
+            except DB_UNREACHABLE:  # training goes on; the rows follow at the next progress point
+                log.warning("job %s: checkpoint rows not recorded (database unreachable); retrying", job_id)
+                return
             seen.clear()
             seen.update(current)
-            record_checkpoints()
 
     with lease.heartbeat():
         try:
@@ -186,9 +193,10 @@ def train(self, job_id: str) -> dict[str, Any]:
             return {"job_id": job_id, "status": "failed"}
         except Exception as exc:  # noqa: BLE001 - the job row carries the message
             log.exception("job %s failed", job_id)
-            if output_dir.is_dir():
-                record_checkpoints()
-            lease.finish("failed", _message(exc))
+            error = disk_full_error(exc, output_dir) or _message(exc)  # full disk: partial checkpoint removed
+            if output_dir.is_dir():  # a full disk or a database hiccup here must not leave the job running
+                best_effort(record_checkpoints, f"job {job_id}: recording its checkpoints")
+            lease.finish("failed", error)
             return {"job_id": job_id, "status": "failed"}
 
     if lease.lost:  # another worker took over; it owns the row now
@@ -250,7 +258,7 @@ _EVAL_OPTIONS = ("seeds", "steps", "guidance_scale", "width", "height", "negativ
 
 
 @celery_app.task(name=TASK_EVALUATE, bind=True, soft_time_limit=_limits.job_soft_time_limit_s,
-                 time_limit=_limits.job_time_limit_s)
+                 time_limit=_limits.job_time_limit_s, **RETRY_ON_DB_OUTAGE)
 def evaluate(self, job_id: str) -> dict[str, Any]:
     settings = get_settings()
     lease = _claim(self, settings, job_id)
