@@ -307,6 +307,14 @@ def attempt(settings: Settings, delivery_id: str) -> float | None:
     return backoff_s(settings, attempts)
 
 
+def abandon(settings: Settings, delivery_id: str, error: str) -> None:
+    """Mark a pending delivery failed (its next attempt could not be queued)."""
+    with session_scope(settings.database_url) as session:
+        row = session.get(WebhookDelivery, delivery_id)
+        if row is not None and row.status == "pending":
+            row.status, row.error, row.finished_at = "failed", error[:_ERROR_CHARS], utcnow()
+
+
 def post(settings: Settings, url: str, body: bytes, secret: str, *, event: str, delivery_id: str) -> int:
     """POST ``body`` to ``url``, signed, to an address the SSRF check approved (the next one when
     one cannot be reached); the HTTP status. Raises WebhookURLError (refused address) or an httpx
