@@ -314,8 +314,15 @@ def evaluate(self, job_id: str) -> dict[str, Any]:
 def deliver_webhook(self, delivery_id: str) -> None:
     """One attempt to POST a job event (api/core/webhooks.py); the next one is this task again, sent
     with the backoff as countdown. The delivery row counts the attempts and bounds them."""
-    from api.core.webhooks import attempt
+    from celery.exceptions import Reject
+
+    from api.core.webhooks import abandon, attempt
 
     wait_s = attempt(get_settings(), delivery_id)
-    if wait_s is not None:
+    if wait_s is None:
+        return
+    try:
         raise self.retry(countdown=wait_s, max_retries=None)
+    except Reject as exc:  # the retry could not be queued (broker down): the row must not stay pending
+        abandon(get_settings(), delivery_id, f"could not queue the next attempt: {exc.reason}")
+        raise
