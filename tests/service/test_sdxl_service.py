@@ -39,6 +39,7 @@ def test_sdxl_finetune_distill_generate_through_the_service(tmp_path, tiny_sdxl_
     home, logs = tmp_path / "home", tmp_path / "logs"
     logs.mkdir()
     env = service_env(progress_interval_s=0.2)
+    env["HF_HUB_OFFLINE"] = "1"  # workers never download: a lookup would fail slowly, with retries
     port = free_port()
     serve = Proc("serve", [*_styleinject(), "serve", "--home", str(home), "--port", str(port)], env, logs)
     try:
