@@ -127,3 +127,19 @@ def test_conditioning_refuses_to_batch_families():
         Conditioning.cat([sd, xl])
     both = Conditioning.cat([xl, xl]).pad(2)
     assert both.rows == 4 and both.added["time_ids"].shape == (4, 6)
+
+
+def test_fp16_decodes_in_fp32_like_diffusers(tiny_sdxl_path):
+    """SDXL's VAE overflows in fp16: with force_upcast it decodes in fp32 and goes back to fp16,
+    as diffusers does (fp16 runs on the CPU too, slowly; the tiny model makes it cheap)."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = load_pipeline(tiny_sdxl_path, device="cpu", dtype=torch.float16)
+    ref = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_path), dtype=torch.float16, add_watermarker=False)
+    ref.scheduler = EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    want = ref("a cat", num_inference_steps=2, width=64, height=64, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(1)).images
+    got = generate(pipe, "a cat", seed=1, steps=2, width=64, height=64, guidance_scale=5.0)
+    assert np.array_equal(_px(got), _px(want))
+    assert pipe.vae.dtype == torch.float16
