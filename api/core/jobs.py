@@ -116,7 +116,7 @@ def _run_hooks(session: Session) -> None:
     changes = session.info.pop(_PENDING, ())
     if not changes:
         return
-    url = session.get_bind().url.render_as_string(hide_password=False)
+    url = session.get_bind().engine.url.render_as_string(hide_password=False)  # engine- or connection-bound
     for change in changes:
         change = dataclasses.replace(change, database_url=url)
         for hook in list(_HOOKS if isinstance(change, Transition) else _RECORD_HOOKS):
