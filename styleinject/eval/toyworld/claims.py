@@ -482,10 +482,12 @@ def resolved_differences(paths, metrics=("style", "style_dist", "all", "clipscor
         for name, d in paired_differences(rows, metrics).items():
             for metric, stat in d.items():
                 seeds = sorted(set(by[name]) & set(by[ref]))
-                # experiments share cached runs (the ablation's "neither" is equal-params' LoRA r32):
-                # each distinct comparison counts once in the Holm family
-                same = (tuple(by[name][s].get("run") for s in seeds), tuple(by[ref][s].get("run") for s in seeds), metric)
-                if None not in same[0] and same in seen:
+                # experiments share cached runs (the ablation's "neither" is equal-params' LoRA r32;
+                # the n sweep's n=16 - n=1 is the ablation's STA only - DMA+STA reversed): each
+                # distinct comparison counts once in the Holm family, in the direction first met
+                runs = [tuple(by[v][s].get("run") for s in seeds) for v in (name, ref)]
+                same = (tuple(sorted(runs)), metric)
+                if None not in runs[0] + runs[1] and same in seen:
                     continue
                 seen.add(same)
                 diffs = [by[name][s][metric] - by[ref][s][metric] for s in seeds]

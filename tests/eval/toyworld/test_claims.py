@@ -82,6 +82,8 @@ def test_resolved_differences_count_shared_runs_once(tmp_path):
     rows = [row("ref", s, 0.5, f"r{s}") for s in range(3)] + [row("b", s, 0.6 + 0.01 * s, f"b{s}") for s in range(3)]
     for name in ("one.json", "two.json"):  # the same runs in two experiments
         (tmp_path / name).write_text(json.dumps({"rows": rows}))
+    reverse = [r for r in rows if r["variant"] == "b"] + [r for r in rows if r["variant"] == "ref"]
+    (tmp_path / "three.json").write_text(json.dumps({"rows": reverse}))  # and reversed (ref - b)
     (tmp_path / "alignment.json").write_text(json.dumps({"summary": {}}))  # not an experiment: skipped
     found = claims.resolved_differences(sorted(tmp_path.glob("*.json")))
     assert len(found) == 4  # b - ref on four metrics, once
