@@ -54,7 +54,7 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
         return field_default(StyleInjectConfig, name)
 
     io = p.add_argument_group("input and output")
-    io.add_argument("--base-model", required=True, help="student base model: diffusers folder or hub id")
+    io.add_argument("--base-model", required=True, help="student base model: SD 1.x/2.x or SDXL diffusers folder, hub id, or single-file .safetensors (configs in NAME.config/ beside it)")
     io.add_argument("--data", required=True, help=_DATA_HELP[kind])
     io.add_argument("--output", required=True, dest="output_dir", metavar="OUTPUT",
                     help="output folder: final adapter, checkpoints/, validation/")
@@ -130,7 +130,7 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
 
     if kind == "distill":
         ds = p.add_argument_group("distillation")
-        ds.add_argument("--teacher-model", required=True, help="teacher pipeline: diffusers folder or hub id")
+        ds.add_argument("--teacher-model", required=True, help="teacher model, of the student's family: diffusers folder, hub id, or single-file .safetensors (configs in NAME.config/ beside it)")
         ds.add_argument("--feat-kd-weight", type=float, default=train("feat_kd_weight"),
                         help="lambda of L_FeatKD (shared text encoder)")
         ds.add_argument("--feat-kd-blocks", nargs="+", default=train("feat_kd_blocks"),
