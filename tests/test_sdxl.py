@@ -143,3 +143,9 @@ def test_fp16_decodes_in_fp32_like_diffusers(tiny_sdxl_path):
     got = generate(pipe, "a cat", seed=1, steps=2, width=64, height=64, guidance_scale=5.0)
     assert np.array_equal(_px(got), _px(want))
     assert pipe.vae.dtype == torch.float16
+
+
+def test_unsupported_pipeline_class_is_a_clear_error(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(ValueError, match="'FluxPipeline' is not supported.*StableDiffusionXLPipeline"):
+        load_pipeline(tmp_path, device="cpu")

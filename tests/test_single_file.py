@@ -68,3 +68,23 @@ def test_single_file_errors_name_the_fix(tiny_pipeline_path, tiny_sdxl_path, tmp
     pickle.write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(ValueError, match="never loaded"):
         load_pipeline(pickle, device="cpu")
+
+
+def test_configs_from_the_hugging_face_cache(tiny_pipeline_path, tmp_path, monkeypatch):
+    """No config given: the configs of the hub model diffusers infers for the checkpoint, if that
+    model's configs are in the local cache (as `huggingface-cli download --include '*.json'` leaves them)."""
+    import huggingface_hub.constants
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config, load_single_file_checkpoint
+
+    file = write_single_file(tiny_pipeline_path, tmp_path / "sd.safetensors")
+    repo = fetch_diffusers_config(load_single_file_checkpoint(str(file)))["pretrained_model_name_or_path"]
+    cache = tmp_path / "cache" / ("models--" + repo.replace("/", "--"))
+    (cache / "refs").mkdir(parents=True)
+    (cache / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(tiny_pipeline_path, cache / "snapshots" / ("0" * 40), ignore=shutil.ignore_patterns("*.safetensors"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = load_pipeline(file, device="cpu")
+    assert family_of(pipe) is SD
+    assert np.array_equal(_px(generate(pipe, "a cat", **KW)),
+                          _px(generate(load_pipeline(tiny_pipeline_path, device="cpu"), "a cat", **KW)))

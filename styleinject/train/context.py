@@ -20,7 +20,7 @@ from styleinject.train.data import LoadedDataset
 class Models:
     """The student pipeline's parts. ``unet`` is the model being trained (accelerate-prepared)."""
 
-    pipe: Any  # StableDiffusionPipeline (Euler Ancestral), for validation and sampling
+    pipe: Any  # StableDiffusion(XL)Pipeline (Euler Ancestral): sampling, and text conditioning (families)
     tokenizer: Any
     text_encoder: Any
     vae: Any
