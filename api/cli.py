@@ -98,6 +98,11 @@ def _serve(args) -> int:
     if not settings.object_storage:
         settings.artifact_root.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
+    from api.core.sweep import sweep_orphans
+
+    # what a killed serve left without its rows (an upload's validation, an adapter delete): embedded,
+    # nothing else writes this store yet; with a shared broker, other API replicas may be writing it
+    sweep_orphans(settings, older_than_s=0 if settings.embedded else 3600)
     first_key = None
     if not settings.bootstrap_key:
         from api.auth import first_start_key

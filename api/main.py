@@ -6,6 +6,7 @@ name. Uploads are validated in-process with the library's torch-free ``styleinje
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from api.core.celery import make_celery
 from api.core.logs import RequestIdMiddleware, connect_celery_publisher, install_api_logging
 from api.core.settings import Settings, get_settings
 from api.core.storage import make_store
+from api.core.sweep import sweep_orphans
 from api.guards import BodyGuard, SafeJSONResponse, finite, is_json_content_type
 from api.redact import install_log_redaction
 
@@ -44,10 +46,19 @@ another tenant's id answers 404. Errors are JSON: `{"message": "...", "detail": 
 """
 
 
+def _sweep(settings: Settings) -> None:
+    try:
+        sweep_orphans(settings, older_than_s=3600)  # an hour: another replica may be validating an upload
+    except Exception:  # noqa: BLE001 - no tables yet, a database hiccup: the API starts anyway
+        log.exception("removing orphaned artifacts failed")
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """With STYLEINJECT_METRICS_PORT, also serve /metrics on that port (docs/ops.md)."""
+    """With STYLEINJECT_METRICS_PORT, also serve /metrics on that port (docs/ops.md). At start,
+    remove artifacts a killed API process left without their rows (api/core/sweep.py)."""
     settings = app.state.settings
+    await asyncio.to_thread(_sweep, settings)
     server = metrics.serve_port(settings.metrics_port, metrics.metrics_registry(settings)) \
         if settings.metrics_port else None
     try:

@@ -244,3 +244,157 @@ def test_database_unreachable_during_a_job(make_pg_database, redis_url, tiny_mod
         adapter = session.scalar(select(Adapter).where(Adapter.job_id == "job1"))
         steps = sorted(c.step for c in session.scalars(select(Checkpoint).where(Checkpoint.job_id == "job1")))
     assert adapter is not None and steps == [20, 40, 60]
+
+
+def _images_zip(path: Path, n: int) -> Path:
+    """n noisy 64 x 64 PNGs with captions: long enough to validate that a kill lands mid-way."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(n):
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(png, format="PNG")
+            archive.writestr(f"img{i:05d}.png", png.getvalue())
+            archive.writestr(f"img{i:05d}.txt", "noise")
+    return path
+
+
+class Serve:
+    """`styleinject serve --no-worker` (embedded: SQLite, local artifacts) that the test SIGKILLs."""
+
+    KEY = "admin-key-for-failure-injection"
+
+    def __init__(self, home: Path, log: Path) -> None:
+        self.home, self.log, self.port = home, log, free_port()
+        self.env = service_env(bootstrap_key=self.KEY)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--no-worker", "--home",
+                                          str(self.home), "--port", str(self.port)], cwd=REPO, env=self.env,
+                                         stdout=out, stderr=subprocess.STDOUT)
+        import httpx
+
+        def up() -> bool:
+            assert self.proc.poll() is None, self.log.read_text()[-4000:]
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait(up, 120, "serve did not come up", self.log)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL: no cleanup of any kind runs
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+    def request(self, method: str, path: str, **kwargs) -> threading.Thread:
+        """Send a request in a thread (its connection dies with the server)."""
+        import httpx
+
+        def send() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.request(method, f"{self.url}{path}", headers={"Authorization": f"Bearer {self.KEY}"},
+                              timeout=120, **kwargs)
+
+        thread = threading.Thread(target=send, daemon=True)
+        thread.start()
+        return thread
+
+
+def test_api_killed_during_upload_validation_and_adapter_delete(tmp_path):
+    """SIGKILL in the middle of a dataset's validation, then in the middle of an adapter delete
+    (after its row went, while its files go): no half-written rows, and the next start removes the
+    files left without a row."""
+    from api.core.db.models import Adapter, Tenant
+    from api.core.settings import Settings
+
+    home = tmp_path / "home"
+    serve = Serve(home, tmp_path / "serve.log")
+    settings = Settings(home=home)
+    artifacts = settings.artifact_root
+    upload = _images_zip(tmp_path / "many.zip", 1500)
+    try:
+        # 1. killed while validating an upload (its files are extracted; no row yet)
+        serve.start()
+        serve.request("POST", "/datasets", files={"file": ("many.zip", upload.read_bytes())})
+        extracted = _wait(lambda: [p for p in (artifacts / "datasets").glob("*/data/*")], 60,
+                          "the upload was never extracted", serve.log)
+        serve.kill()
+        with session_scope(settings.database_url) as session:
+            assert session.scalars(select(Dataset)).all() == []  # no row for a half-validated dataset
+        assert extracted[0].parent.exists(), "the kill came too late to test anything"
+        serve.start()  # the next start removes what the killed process left
+        assert not any((artifacts / "datasets").iterdir()) and not any((artifacts / "uploads").iterdir())
+        assert "removed datasets/" in serve.log.read_text()
+
+        # 2. killed while deleting an adapter: the row is gone, its files are being removed
+        with session_scope(settings.database_url) as session:
+            tenant = session.scalar(select(Tenant).where(Tenant.name == "admin"))
+            session.add(Job(id="job1", tenant_id=tenant.id, kind="finetune", params={}, status="succeeded"))
+            folder = artifacts / "jobs" / "job1"
+            session.add(Adapter(id="ad1", tenant_id=tenant.id, job_id="job1", name="a", kind="finetune",
+                                base_model="demo", path=str(folder)))
+            session.flush()
+            session.add(Checkpoint(job_id="job1", adapter_id="ad1", step=2, path=str(folder / "checkpoints/step-2")))
+        for i in range(200):  # many files: removing them takes long enough to kill the process mid-way
+            part = folder / "checkpoints" / f"step-{i}"
+            part.mkdir(parents=True)
+            for j in range(100):
+                (part / f"f{j}").write_bytes(b"x")
+        serve.request("DELETE", "/adapters/ad1")
+
+        def row_gone() -> bool:
+            with session_scope(settings.database_url) as session:
+                return session.get(Adapter, "ad1") is None
+
+        _wait(row_gone, 60, "the adapter row was never deleted", serve.log)
+        serve.kill()
+        assert folder.exists(), "the kill came too late to test anything"
+        with session_scope(settings.database_url) as session:
+            assert session.scalars(select(Checkpoint)).all() == []  # went with the adapter, in its transaction
+            assert session.get(Job, "job1").status == "succeeded"
+        serve.start()
+        assert not folder.exists(), "the half-deleted adapter's files were not removed at the next start"
+        assert "removed jobs/job1" in serve.log.read_text()
+    finally:
+        serve.stop()
+
+
+def test_sweep_keeps_what_may_be_in_progress_and_what_rows_point_to(tmp_path, monkeypatch):
+    from api.core.sweep import sweep_orphans
+
+    settings = _settings(tmp_path, monkeypatch)
+    root = settings.artifact_root
+    with session_scope(settings.database_url) as session:
+        tenant = get_or_create_tenant(session, "t")
+        session.add(Dataset(id="kept", tenant_id=tenant.id, name="d.zip", status="ready", path=str(root)))
+        session.add(Job(id="failed", tenant_id=tenant.id, kind="finetune", params={}, status="failed"))
+        session.add(Job(id="done", tenant_id=tenant.id, kind="finetune", params={}, status="succeeded"))
+    folders = [root / "datasets" / "kept", root / "datasets" / "orphan", root / "jobs" / "failed",
+               root / "jobs" / "done", root / "jobs" / "no-row", root / "uploads" / "scratch"]
+    for folder in folders:
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "file").write_bytes(b"x")
+    assert sweep_orphans(settings, older_than_s=3600) == []  # fresh: another process may be writing them
+    hour_ago = time.time() - 3700
+    for folder in folders:
+        for path in (folder, folder / "sub", folder / "sub" / "file"):
+            os.utime(path, (hour_ago, hour_ago))
+    removed = sweep_orphans(settings, older_than_s=3600)
+    assert sorted(removed) == ["datasets/orphan", "jobs/done", "jobs/no-row", "uploads/scratch"]
+    assert (root / "datasets" / "kept").exists() and (root / "jobs" / "failed").exists()  # rows point to them

@@ -11,7 +11,6 @@ import sys
 import time
 
 import httpx
-import pytest
 from fastapi.testclient import TestClient
 
 from api.core.logs import (HEADER, JsonFormatter, PayloadFilter, RequestIdFilter, accept_request_id,
