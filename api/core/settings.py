@@ -26,7 +26,8 @@ ENV_PREFIX = "STYLEINJECT_"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+    # An empty variable counts as unset (compose passes `${VAR:-}` through as "").
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", env_ignore_empty=True)
 
     home: Path = Path("~/.styleinject")
     database_url: str | None = None
