@@ -5,7 +5,8 @@
 the training resolution) and writes into
 ``folder``::
 
-    samples.png     the grid: one row per prompt, one column per seed (cells at most 256 px)
+    samples.png     the grid: one row per prompt, one column per seed (cells at most 256 px,
+                    2 px apart)
     samples.json    {"prompts", "seeds", "images": [[file per seed] per prompt], settings}
     samples/p00-s0.png ...   every cell at full size (scorers read these)
 
@@ -34,6 +35,7 @@ GRID_NAME = "samples.png"
 SAMPLES_JSON = "samples.json"
 SAMPLES_DIR = "samples"
 MAX_CELL_PX = 256  # grid cells are shrunk to this (the full-size images are kept beside it)
+GRID_GAP_PX = 2  # white lines between the cells, so neighbouring samples never run together
 DEFAULT_PROMPTS_FROM_DATA = 4
 
 
@@ -48,20 +50,23 @@ def sample_prompts(cfg: TrainConfig, data: LoadedDataset) -> list[str]:
     return list(captions)[:DEFAULT_PROMPTS_FROM_DATA] or [""]
 
 
-def make_grid(rows: Sequence[Sequence[Image.Image]], max_cell: int = MAX_CELL_PX) -> Image.Image:
-    """Images in a grid (row by row), each cell the first image's size, shrunk to ``max_cell``
-    px on its longer side; small images are kept at their size (pages scale them up)."""
+def make_grid(rows: Sequence[Sequence[Image.Image]], max_cell: int = MAX_CELL_PX, gap: int = GRID_GAP_PX
+              ) -> Image.Image:
+    """Images in a grid (row by row) with ``gap`` white pixels between cells, each cell the first
+    image's size, shrunk to ``max_cell`` px on its longer side; small images are kept at their size
+    (pages scale them up)."""
     width, height = rows[0][0].size
     shrink = min(1.0, max_cell / max(width, height))
     cell = (max(1, round(width * shrink)), max(1, round(height * shrink)))
     cols = max(len(row) for row in rows)
-    grid = Image.new("RGB", (cols * cell[0], len(rows) * cell[1]), (255, 255, 255))
+    step = (cell[0] + gap, cell[1] + gap)
+    grid = Image.new("RGB", (cols * step[0] - gap, len(rows) * step[1] - gap), (255, 255, 255))
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             tile = image.convert("RGB")
             if tile.size != cell:
                 tile = tile.resize(cell, Image.LANCZOS)
-            grid.paste(tile, (c * cell[0], r * cell[1]))
+            grid.paste(tile, (c * step[0], r * step[1]))
     return grid
 
 

@@ -106,12 +106,16 @@ def test_job_lists_checkpoints_with_samples_scores_and_the_best(client, trained)
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
     # by clipscore the best may be another checkpoint: the flag follows the job's select_metric
-    with session_scope(trained.database_url) as session:
-        row = session.get(Job, "job1")
-        row.params = {**row.params, "select_metric": "clipscore"}
+    def choose(metric):
+        with session_scope(trained.database_url) as session:
+            row = session.get(Job, "job1")
+            row.params = {**row.params, "select_metric": metric}
+
+    choose("clipscore")
     by_clip = client.get("/jobs/job1", headers=AUTH).json()["checkpoints"]
     top = max(by_clip, key=lambda c: (c["scores"]["clipscore"], c["step"]))
     assert [c["best"] for c in by_clip] == [c is top for c in by_clip]
+    choose("toystyle")
     assert client.get("/jobs/job1/checkpoints/3/samples.png", headers=AUTH).status_code == 404
     # another tenant sees nothing
     with session_scope(trained.database_url) as session:
@@ -150,5 +154,10 @@ def test_promote_a_checkpoint_to_an_adapter(client, trained):
     # default name; deleting a promoted adapter leaves the job's files alone
     second = client.post("/jobs/job1/checkpoints/4/promote", headers=AUTH).json()
     assert second["name"] == "stripy-step4"
+    assert client.get("/jobs/job1", headers=AUTH).json()["checkpoints"][1]["promoted_adapter_id"] == second["id"]
+    overview = client.get("/dashboard", headers=AUTH).text  # the overview links it to its job and step
+    assert '<a href="/dashboard/jobs/job1" title="promoted from this job\'s checkpoint at step 4">' in overview
+    page = client.get("/dashboard/jobs/job1", headers=AUTH).text
+    assert 'id="checkpoints" class="ckpts" data-metric="toystyle"' in page
     assert client.delete(f"/adapters/{adapter['id']}", headers=AUTH).status_code == 204
     assert original.is_file() and client.get("/jobs/job1/checkpoints/2/samples.png", headers=AUTH).status_code == 200

@@ -355,7 +355,7 @@ def test_sample_grids_scores_and_promote(desktop, phone, service, api, tmp_path)
     page.wait_for_function("[...document.querySelectorAll('#checkpoints img.grid')].length === 3 && "
                            "[...document.querySelectorAll('#checkpoints img.grid')].every(i => i.complete && i.naturalWidth > 0)")
     sizes = page.locator("#checkpoints img.grid").evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
-    assert all(size == [3 * 32, 4 * 32] for size in sizes), sizes  # 3 seeds x 4 prompts of 32 px
+    assert all(size == [3 * 32 + 2 * 2, 4 * 32 + 3 * 2] for size in sizes), sizes  # 3 seeds x 4 prompts, 32 px, 2 apart
     best = [c["step"] for c in job["checkpoints"] if c["best"]]
     assert len(best) == 1 and page.locator("#checkpoints figure.ckpt.best").count() == 1
     best_card = page.locator(f"#checkpoints figure.ckpt.best[data-step='{best[0]}']")

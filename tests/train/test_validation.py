@@ -23,12 +23,13 @@ def _solid(colour, size=(8, 6)):
 
 def test_grid_puts_prompts_in_rows_and_seeds_in_columns():
     rows = [[_solid((255, 0, 0)), _solid((0, 255, 0))], [_solid((0, 0, 255)), _solid((9, 9, 9))]]
-    grid = np.asarray(make_grid(rows))
-    assert grid.shape == (12, 16, 3)
-    assert tuple(grid[0, 0]) == (255, 0, 0) and tuple(grid[0, 15]) == (0, 255, 0)
-    assert tuple(grid[11, 0]) == (0, 0, 255) and tuple(grid[11, 15]) == (9, 9, 9)
+    grid = np.asarray(make_grid(rows, gap=2))
+    assert grid.shape == (14, 18, 3)  # 2 x 6 px rows and 2 x 8 px columns, 2 px apart
+    assert tuple(grid[0, 0]) == (255, 0, 0) and tuple(grid[0, 17]) == (0, 255, 0)
+    assert tuple(grid[13, 0]) == (0, 0, 255) and tuple(grid[13, 17]) == (9, 9, 9)
+    assert tuple(grid[0, 8]) == tuple(grid[6, 0]) == (255, 255, 255)  # the gaps
     # large images are shrunk per cell (the full-size files are kept beside the grid)
-    assert make_grid([[_solid((1, 2, 3), (512, 512))] * 3], max_cell=128).size == (384, 128)
+    assert make_grid([[_solid((1, 2, 3), (512, 512))] * 3], max_cell=128, gap=0).size == (384, 128)
 
 
 def _data(*texts):
@@ -64,7 +65,7 @@ def test_every_checkpoint_carries_its_grid_and_training_is_unchanged(tmp_path, m
         record = read_samples(folder)
         assert record["prompts"] == [f"a red photo number {i}" for i in range(3)]
         assert record["seeds"] == [5, 7] and record["steps"] == 2 and record["resolution"] == 64
-        assert Image.open(folder / "samples.png").size == (2 * 64, 3 * 64)
+        assert Image.open(folder / "samples.png").size == (2 * 64 + 2, 3 * 64 + 2 * 2)
         assert all((folder / name).is_file() for row in record["images"] for name in row)
         assert json.loads((folder / "training_state.json").read_text())["step"] in (2, 4)
     assert read_samples(list_checkpoints(plain.output_dir)[0]) is None

@@ -263,8 +263,8 @@ class Checkpoint(Base):
 
     job: Mapped[Job] = relationship(back_populates="checkpoints")
     adapter: Mapped[Adapter | None] = relationship(back_populates="checkpoints")
-    scores: Mapped[list[EvalScore]] = relationship(
-        back_populates="checkpoint", order_by="EvalScore.metric", passive_deletes=True
+    scores: Mapped[list[EvalScore]] = relationship(  # selectin: every job read lists them
+        back_populates="checkpoint", order_by="EvalScore.metric", passive_deletes=True, lazy="selectin"
     )
 
 
