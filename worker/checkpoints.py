@@ -4,9 +4,11 @@ The training loop renders the grid into the checkpoint (``checkpoint_samples``, 
 so the pipeline is never loaded twice: this only runs the scorers on those few images, in the
 train task, when the task notices a new checkpoint. Each score becomes an ``EvalScore`` row tied to
 the checkpoint and a ``score`` job event ``{"metric", "value", "step"}`` (the job page's chart).
-Scorers come from ``STYLEINJECT_CHECKPOINT_SCORERS`` (unset: clipscore, plus toystyle on the toy
-base model with the packaged toy CLIP, so the embedded service scores offline; ``[]``: off). A
-scorer that cannot load is reported once (a ``score`` event with ``error``) and the job trains on.
+Scorers come from ``STYLEINJECT_CHECKPOINT_SCORERS`` (``[]``: off). Unset, only weights already on
+the machine are used: clipscore when ``STYLEINJECT_SCORER_PATHS`` names CLIP weights, and on the toy
+base model clipscore with the packaged toy CLIP plus toystyle, so the embedded service scores
+offline. A scorer that cannot load is reported once (a ``score`` event with ``error``) and the job
+trains on.
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ def scorer_config(settings: Settings, base_model: str) -> tuple[list[str], dict[
     """The checkpoint scorers' names and weight paths for a job on ``base_model``."""
     paths = dict(settings.scorer_paths)
     toy = _is_toy_base(base_model)
-    names = settings.checkpoint_scorers
-    if names is None:
-        names = ["clipscore", "toystyle"] if toy else ["clipscore"]
     if toy and "clipscore" not in paths:
         from styleinject.assets import TOY_CLIP
 
         paths["clipscore"] = str(TOY_CLIP)
+    names = settings.checkpoint_scorers
+    if names is None:  # only weights that are here: never a hub download in the middle of a job
+        names = (["clipscore"] if "clipscore" in paths else []) + (["toystyle"] if toy else [])
     return list(names), paths
 
 

@@ -50,8 +50,9 @@ class Settings(BaseSettings):
     # Evaluation scorer weights (hub ids or local folders), JSON: {"clipscore": "/models/clip", ...}
     scorer_paths: dict[str, str] = {}
     # Scorers of every checkpoint's validation grid while a job trains (JSON list of scorer names;
-    # [] = off). Unset: clipscore, plus toystyle when the job trains the toy base model, which is
-    # then scored with the packaged toy CLIP unless scorer_paths names another.
+    # [] = off). Unset: only weights on this machine (never a hub download mid-job): clipscore if
+    # scorer_paths names CLIP weights; on the toy base model clipscore (the packaged toy CLIP unless
+    # scorer_paths names another) and toystyle.
     checkpoint_scorers: list[str] | None = None
 
     # Limits.

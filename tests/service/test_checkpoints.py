@@ -60,7 +60,11 @@ def test_default_scorers_are_offline_for_the_toy_base(tmp_path):
 
     settings = Settings(home=tmp_path)
     assert scorer_config(settings, str(TOY_BASE)) == (["clipscore", "toystyle"], {"clipscore": str(TOY_CLIP)})
-    assert scorer_config(settings, "/models/sd15") == (["clipscore"], {})
+    assert scorer_config(settings, "/models/sd15") == ([], {})  # no weights here: no hub download mid-job
+    configured = Settings(home=tmp_path, scorer_paths={"clipscore": "/m/clip"})
+    assert scorer_config(configured, "/models/sd15") == (["clipscore"], {"clipscore": "/m/clip"})
+    chosen = Settings(home=tmp_path, checkpoint_scorers=["clipscore", "pickscore"])
+    assert scorer_config(chosen, "/models/sd15") == (["clipscore", "pickscore"], {})
     off = Settings(home=tmp_path, checkpoint_scorers=[], scorer_paths={"clipscore": "/m/clip"})
     assert scorer_config(off, str(TOY_BASE)) == ([], {"clipscore": "/m/clip"})
 
@@ -161,3 +165,23 @@ def test_promote_a_checkpoint_to_an_adapter(client, trained):
     assert 'id="checkpoints" class="ckpts" data-metric="toystyle"' in page
     assert client.delete(f"/adapters/{adapter['id']}", headers=AUTH).status_code == 204
     assert original.is_file() and client.get("/jobs/job1/checkpoints/2/samples.png", headers=AUTH).status_code == 200
+
+
+def test_a_scorer_that_cannot_load_is_reported_once_and_training_goes_on(trained, tmp_path):
+    from worker.checkpoints import CheckpointScorer
+
+    with session_scope(trained.database_url) as session:
+        job = session.get(Job, "job1")
+        session.add(Job(id="job2", tenant_id=job.tenant_id, kind="finetune", params={}))
+        for c in job.checkpoints:  # job1's folders, which hold grids
+            session.add(Checkpoint(job_id="job2", step=c.step, path=c.path, samples=c.samples))
+    scorer = CheckpointScorer(Settings(home=tmp_path, checkpoint_scorers=["clipscore"],
+                                       scorer_paths={"clipscore": str(tmp_path)}), "/models/x")  # no weights there
+    for _ in range(2):
+        with session_scope(trained.database_url) as session:
+            scorer.score_new(session, "job2")
+    with session_scope(trained.database_url) as session:
+        events = [e.data for e in session.scalars(select(JobEvent).where(JobEvent.job_id == "job2"))]
+        assert len(events) == 1 and events[0]["value"] is None and events[0]["step"] == 2
+        assert "could not load the CLIP model" in events[0]["error"]
+        assert not session.scalars(select(EvalScore).where(EvalScore.job_id == "job2")).all()
