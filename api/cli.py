@@ -140,6 +140,8 @@ def _serve(args) -> int:
             command = [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
                        "--pool", pool, "--concurrency", str(concurrency), "--queues", queue,
                        "--hostname", f"embedded-{queue}-{os.getpid()}@%h", "--loglevel", args.log_level.upper()]
+            if settings.log_format == "json":
+                command.insert(command.index("worker"), "--quiet")  # Celery's banner: the only non-JSON lines
             # Warm shutdown on stop: an idle worker exits at once; a running job gets 10 s, then is
             # killed and resumes from its latest checkpoint on the next start. After a crash the dead
             # worker's job resumes once its lease expires (re-sent here: the embedded broker does not).

@@ -51,6 +51,8 @@ def _worker(args) -> int:
     concurrency = args.concurrency or (get_settings().generate_concurrency if pool == "threads" else 1)
     argv = ["worker", "--pool", pool, "--concurrency", str(concurrency),
             "--queues", args.queues, "--loglevel", args.log_level.upper()]
+    if get_settings().log_format == "json":
+        argv.insert(0, "--quiet")  # a global option: no start-up banner among the JSON lines
     if args.hostname:
         argv += ["--hostname", args.hostname]
     celery_app.worker_main(argv)

@@ -134,4 +134,5 @@ def test_serve_json_logs_generate_without_payload_or_progress_bars(tmp_path):
     assert any("succeeded" in line["message"] for line in ours if line["logger"] == "celery.app.trace"), ours
     assert PNG_BASE64 not in text
     assert not [line for line in lines if any(mark in line["message"] for mark in PROGRESS_MARKS)]
-    assert "StyleInject embedded service" in (tmp_path / "stdout.log").read_text()
+    stdout = (tmp_path / "stdout.log").read_text()
+    assert "StyleInject embedded service" in stdout and "[queues]" not in stdout  # no Celery banner (--quiet)
