@@ -22,8 +22,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 REDIS_URL = "redis://127.0.0.1:6379/0"
+# checkpoint_samples off: these jobs checkpoint every 2 steps; the grids (on by default for API jobs)
+# are tested in test_checkpoints.py and test_dashboard_browser.py
 TINY_TRAIN = {"steps": 4, "resolution": 64, "checkpoint_every": 2, "learning_rate": 1e-2,
-              "adapter": {"rank": 4, "num_styles": 2}}
+              "adapter": {"rank": 4, "num_styles": 2}, "checkpoint_samples": False}
 TINY_GENERATE = {"prompt": "a red square", "seed": 3, "steps": 2, "width": 64, "height": 64,
                  "guidance_scale": 7.5}
 
