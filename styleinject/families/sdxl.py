@@ -26,11 +26,8 @@ class StableDiffusionXL(Family):
     def time_ids(self, pipe, size, dtype) -> torch.Tensor:
         """(1, 6) micro-conditioning for an image of ``size``; diffusers' own helper checks that the
         UNet's added embedding is as wide as these plus the pooled text embedding."""
-        encoder_2 = getattr(pipe, "text_encoder_2", None)
-        projection_dim = encoder_2.config.projection_dim if encoder_2 is not None \
-            else pipe.unet.add_embedding.linear_1.in_features - 6 * pipe.unet.config.addition_time_embed_dim
         return pipe._get_add_time_ids(tuple(size), (0, 0), tuple(size), dtype=dtype,
-                                      text_encoder_projection_dim=projection_dim)
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
 
     def encode_prompts(self, pipe, prompts, device, size) -> Conditioning:
         with torch.no_grad():
