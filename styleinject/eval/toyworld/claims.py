@@ -392,7 +392,7 @@ def multistyle_comparisons(rows_by_mode: dict[str, list[dict]]) -> dict[str, dic
     return results, tests
 
 
-def calibrate(tests: dict[str, dict], fractions=(0.05, 0.1, 0.15, 0.2, 0.3, 0.4), reps: int = 200,
+def calibrate(tests: dict[str, dict], fractions=(0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0), reps: int = 200,
               n_boot: int = 2000, power: float = 0.8, seed: int = 0) -> dict:
     """Smallest planted effect each comparison's test detects with ``power``.
 
