@@ -86,7 +86,8 @@ def test_every_checkpoint_is_scored_as_it_is_written(trained):
         assert all(isinstance(e["value"], float) for e in events)
         # the final checkpoint holds the adapter's weights: its scores are the adapter's
         adapter = session.scalar(select(Adapter).where(Adapter.job_id == "job1"))
-        assert {(s.metric, s.value) for s in adapter.eval_scores} == {(s.metric, s.value) for s in checkpoints[1].scores}
+        final = {(s.metric, s.value) for s in checkpoints[1].scores}
+        assert {(s.metric, s.value) for s in adapter.eval_scores} == final
 
 
 @pytest.fixture

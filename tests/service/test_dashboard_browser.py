@@ -40,6 +40,8 @@ KEY = "browser-test-bootstrap-key"
 SHOTS = Path(os.environ.get("STYLEINJECT_SCREENSHOT_DIR") or REPO / "runs" / "screenshots" / "dashboard")
 DESKTOP = {"width": 1400, "height": 900}
 PHONE = {"width": 390, "height": 844}
+GRIDS = "[...document.querySelectorAll('#checkpoints img.grid')]"
+GRIDS_LOADED = f"{GRIDS}.every(i => i.complete && i.naturalWidth > 0)"
 TRAIN = {"kind": "finetune", "steps": 30, "resolution": 32, "checkpoint_every": 10, "learning_rate": 1e-3,
          "adapter": {"rank": 4, "num_styles": 2}}
 
@@ -352,10 +354,10 @@ def test_sample_grids_scores_and_promote(desktop, phone, service, api, tmp_path)
     assert steps == [10, 20, 30]
     cards = page.locator("#checkpoints figure.ckpt")
     assert cards.count() == 3
-    page.wait_for_function("[...document.querySelectorAll('#checkpoints img.grid')].length === 3 && "
-                           "[...document.querySelectorAll('#checkpoints img.grid')].every(i => i.complete && i.naturalWidth > 0)")
-    sizes = page.locator("#checkpoints img.grid").evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
-    assert all(size == [3 * 32 + 2 * 2, 4 * 32 + 3 * 2] for size in sizes), sizes  # 3 seeds x 4 prompts, 32 px, 2 apart
+    page.wait_for_function(f"{GRIDS}.length === 3 && {GRIDS_LOADED}")
+    sizes = page.locator("#checkpoints img.grid").evaluate_all("imgs => imgs.map(i => [i.naturalWidth, "
+                                                               "i.naturalHeight])")
+    assert all(size == [3 * 32 + 2 * 2, 4 * 32 + 3 * 2] for size in sizes), sizes  # 3 seeds x 4 prompts, 2 px apart
     best = [c["step"] for c in job["checkpoints"] if c["best"]]
     assert len(best) == 1 and page.locator("#checkpoints figure.ckpt.best").count() == 1
     best_card = page.locator(f"#checkpoints figure.ckpt.best[data-step='{best[0]}']")
@@ -379,8 +381,9 @@ def test_sample_grids_scores_and_promote(desktop, phone, service, api, tmp_path)
 
     phone.login()
     phone.goto(f"/dashboard/jobs/{job_id}")
-    phone.page.wait_for_function("[...document.querySelectorAll('#checkpoints img.grid')].every(i => i.complete && i.naturalWidth > 0)")
-    assert phone.page.locator(f"#checkpoints figure.ckpt[data-step='{best[0]}'] .promote a").count() == 1  # after a reload too
+    phone.page.wait_for_function(GRIDS_LOADED)
+    promoted = phone.page.locator(f"#checkpoints figure.ckpt[data-step='{best[0]}'] .promote a")
+    assert promoted.count() == 1  # after a reload too
     other = phone.page.locator("#checkpoints figure.ckpt:not(.best)").first
     other.locator("button.promote-button").click()
     other.locator(".promote a").wait_for(timeout=30000)

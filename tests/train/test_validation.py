@@ -70,7 +70,8 @@ def test_every_checkpoint_carries_its_grid_and_training_is_unchanged(tmp_path, m
         assert json.loads((folder / "training_state.json").read_text())["step"] in (2, 4)
     assert read_samples(list_checkpoints(plain.output_dir)[0]) is None
     # fixed seeds: the cells change between checkpoints only because the adapter changed
-    first, last = (np.asarray(Image.open(f / "samples.png"), dtype=np.int16) for f in list_checkpoints(sampled.output_dir))
+    first, last = (np.asarray(Image.open(f / "samples.png"), dtype=np.int16)
+                   for f in list_checkpoints(sampled.output_dir))
     assert np.abs(first - last).max() > 0
     # sampling never moves the training RNG streams: the same weights as the run without samples
     a, b = _adapter(plain.output_dir), _adapter(sampled.output_dir)
