@@ -31,10 +31,12 @@ class UserError(Exception):
 def add_generate(subparsers) -> None:
     p = subparsers.add_parser(
         "generate", help="generate images with Euler Ancestral sampling, optionally with an adapter",
-        description="Generate images from a Stable Diffusion pipeline (hub id or local folder) with "
-                    "Euler Ancestral sampling. Without --adapter the image equals diffusers' own.")
+        description="Generate images from a Stable Diffusion 1.x/2.x or SDXL model (hub id, local folder or "
+                    "single-file .safetensors) with Euler Ancestral sampling. Without --adapter the image "
+                    "equals diffusers' own.")
     p.add_argument("--base-model", default=os.environ.get("STYLEINJECT_BASE_MODEL"),
-                   help="diffusers pipeline: hub id or local folder (default: $STYLEINJECT_BASE_MODEL, else "
+                   help="hub id, diffusers folder, or single-file .safetensors with its configs in NAME.config/ "
+                        "beside it (default: $STYLEINJECT_BASE_MODEL, else "
                         "the toy demo model shipped with the package, which draws shapes at 32 x 32)")
     p.add_argument("--adapter", help="adapter folder written by training or save_adapter")
     p.add_argument("--adapter-scale", type=float, default=1.0,

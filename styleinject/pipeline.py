@@ -109,19 +109,28 @@ def _cached_hub_config(path: Path, family, sidecar: Path) -> str:
     """The configs of the hub model diffusers would fetch for this checkpoint, from the local hugging
     face cache only (diffusers itself would fall back to downloading them)."""
     from diffusers.loaders.single_file import _download_diffusers_model_config_from_hub
-    from diffusers.loaders.single_file_utils import fetch_diffusers_config, load_single_file_checkpoint
+    from diffusers.loaders.single_file_utils import (
+        DIFFUSERS_DEFAULT_PIPELINE_PATHS,
+        infer_diffusers_model_type,
+        load_single_file_checkpoint,
+    )
     from huggingface_hub.utils import LocalEntryNotFoundError
 
-    repo = fetch_diffusers_config(load_single_file_checkpoint(str(path)))["pretrained_model_name_or_path"]
-    try:
-        return _download_diffusers_model_config_from_hub(repo, cache_dir=None, revision=None, proxies=None,
-                                                         local_files_only=True)
-    except LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"{path} is a single-file {family.pipeline_class} checkpoint; its configs and tokenizers are not in "
-            f"the file. Put a diffusers folder of the same architecture (e.g. {repo}, configs suffice) at "
-            f"{sidecar}, or pass config=FOLDER, or cache {repo}'s configs (huggingface-cli download {repo} "
-            "--include '*.json' '*.txt'); nothing is downloaded at load time") from None
+    model_type = infer_diffusers_model_type(load_single_file_checkpoint(str(path)))
+    repo = DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
+    fixes = f"put a diffusers folder of the same architecture (configs and tokenizers suffice) at {sidecar}"
+    # diffusers recognises a checkpoint by a few keys of the full-size models and falls back to SD 1.5:
+    # suggest its hub model only when that agrees with the family read from the keys
+    if model_type.startswith("xl") == (family.pipeline_class == "StableDiffusionXLPipeline"):
+        try:
+            return _download_diffusers_model_config_from_hub(repo, cache_dir=None, revision=None, proxies=None,
+                                                             local_files_only=True)
+        except LocalEntryNotFoundError:
+            fixes += (f" (e.g. {repo}'s), or cache {repo}'s configs once "
+                      f"(hf download {repo} --include '*.json' '*.txt')")
+    raise FileNotFoundError(f"{path} is a single-file {family.pipeline_class} checkpoint, whose configs and "
+                            f"tokenizers are not in the file: {fixes}, or pass config=FOLDER to load_pipeline; "
+                            "nothing is downloaded at load time")
 
 
 def native_resolution(base_model: str | Path) -> int:

@@ -58,8 +58,14 @@ def test_single_file_errors_name_the_fix(tiny_pipeline_path, tiny_sdxl_path, tmp
     # no config anywhere and an empty hugging face cache: refuse rather than download
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match=r"sd\.config.*config=FOLDER.*nothing is downloaded"):
+    with pytest.raises(FileNotFoundError, match=r"sd\.config \(e\.g\. stable-diffusion-v1-5/.*hf download.*"
+                                                r"config=FOLDER.*nothing is downloaded"):
         load_pipeline(file, device="cpu")
+    # diffusers takes the tiny SDXL for SD 1.5 (it recognises full-size key names): no wrong hint
+    xl_file = write_single_file(tiny_sdxl_path, tmp_path / "xl.safetensors")
+    with pytest.raises(FileNotFoundError, match="StableDiffusionXLPipeline checkpoint") as error:
+        load_pipeline(xl_file, device="cpu")
+    assert "xl.config" in str(error.value) and "stable-diffusion-v1-5" not in str(error.value)
     with pytest.raises(ValueError, match="StableDiffusionPipeline checkpoint but its config folder"):
         load_pipeline(file, device="cpu", config=tiny_sdxl_path)
     with pytest.raises(ValueError, match="diffusers-layout"):

@@ -17,7 +17,8 @@ def add_commands(subparsers) -> None:
                     "score each image, and write report.json, report.csv (per sample) and summary.csv "
                     "(mean +- 95% CI per category and overall) to --output. Scorer weights are read "
                     "from hub ids or local folders; see docs/evaluation.md.")
-    p.add_argument("--base-model", required=True, help="diffusers pipeline: hub id or local folder")
+    p.add_argument("--base-model", required=True,
+                   help="SD 1.x/2.x or SDXL: hub id, diffusers folder or single-file .safetensors")
     p.add_argument("--adapter", default=None, help="adapter folder (default: the base model alone)")
     p.add_argument("--adapter-scale", type=float, default=1.0, help="default: 1.0")
     p.add_argument("--prompts", default=None,
