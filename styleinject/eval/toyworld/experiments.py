@@ -15,6 +15,10 @@ all as prompted) and toy CLIPScore, on held-out prompts. Every variant runs with
 convolutions (conv1, conv2) in every variant. ``long`` scores a checkpoint every ``--curve-every``
 steps, for the alignment-over-training curve (the paper's Fig. 10).
 
+Every run also records its mechanism shares (``styleinject.eval.mechanism``: how much of the
+adapter's effect STA, the router, the styled / plain and the linear / conv layers carry);
+``shares ADAPTER_DIR...`` prints them for any adapter folder.
+
 A run is cached under ``<root>/cache/<key>`` (the key hashes everything that defines it), so
 experiments that share a variant (the paper's StyleInject is in most of them) train it once, and an
 interrupted experiment picks up where it stopped.
