@@ -98,8 +98,8 @@ def _add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     tr.add_argument("--checkpoint-samples", action="store_true",
                     help="render the validation grid into every checkpoint (samples.png)")
     tr.add_argument("--validation-guidance", type=float, default=train("validation_guidance_scale"),
-                    dest="validation_guidance_scale", help="guidance scale of the validation grid (default: the "
-                    "base model's, from its generation_defaults.json, else 7.5)")
+                    dest="validation_guidance_scale", metavar="SCALE", help="guidance scale of the validation "
+                    "grid; default: the base model's (its generation_defaults.json, else 7.5)")
     tr.add_argument("--sample-steps", type=int, default=train("sample_steps"),
                     help="Euler Ancestral steps for validation"
                     + {"distill": ", teacher samples", "dreambooth": ", class images"}.get(kind, "") + " images")
