@@ -94,3 +94,15 @@ def test_configs_from_the_hugging_face_cache(tiny_pipeline_path, tmp_path, monke
     assert family_of(pipe) is SD
     assert np.array_equal(_px(generate(pipe, "a cat", **KW)),
                           _px(generate(load_pipeline(tiny_pipeline_path, device="cpu"), "a cat", **KW)))
+
+
+def test_family_from_checkpoint_keys():
+    from styleinject.families import family_of_checkpoint
+
+    unet = "model.diffusion_model.input_blocks.0.0.weight"
+    assert family_of_checkpoint([unet, "cond_stage_model.transformer.text_model.final_layer_norm.weight"]) is SD
+    assert family_of_checkpoint([unet, "cond_stage_model.model.ln_final.weight"]) is SD  # SD 2.x (OpenCLIP)
+    assert family_of_checkpoint([unet, "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                                 "conditioner.embedders.1.model.ln_final.weight"]) is SDXL
+    with pytest.raises(ValueError, match="not a Stable Diffusion checkpoint"):
+        family_of_checkpoint(["lora_unet_down_blocks_0.lora_up.weight"])
