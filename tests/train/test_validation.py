@@ -53,7 +53,7 @@ def _adapter(folder: Path) -> dict:
     return {k: v.clone() for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
 
 
-def test_every_checkpoint_carries_its_grid_and_training_is_unchanged(tmp_path, make_cfg):
+def test_every_checkpoint_carries_its_grid_and_training_is_unchanged(tmp_path, make_cfg, tiny_pipe):
     data = image_folder(tmp_path / "data", n=3)
     plain = run_training(make_cfg(data=data, steps=4, learning_rate=1e-2, checkpoint_every=2, output="plain"))
     cfg = make_cfg(data=data, steps=4, learning_rate=1e-2, checkpoint_every=2, output="sampled",
@@ -73,6 +73,16 @@ def test_every_checkpoint_carries_its_grid_and_training_is_unchanged(tmp_path, m
     first, last = (np.asarray(Image.open(f / "samples.png"), dtype=np.int16)
                    for f in list_checkpoints(sampled.output_dir))
     assert np.abs(first - last).max() > 0
+    # each cell is the image generate() gives for its prompt and seed with that checkpoint's adapter
+    from styleinject.pipeline import generate, generation_defaults
+
+    folder = list_checkpoints(sampled.output_dir)[-1]
+    record = read_samples(folder)
+    assert record["guidance_scale"] == generation_defaults(tiny_pipe)["guidance_scale"]  # the model's default
+    again = generate(tiny_pipe, record["prompts"][1], seed=7, steps=2, width=64, height=64, adapter=str(folder),
+                     guidance_scale=record["guidance_scale"])[0]
+    cell = Image.open(folder / record["images"][1][1])
+    assert np.abs(np.asarray(again, dtype=np.int16) - np.asarray(cell, dtype=np.int16)).max() <= 1
     # sampling never moves the training RNG streams: the same weights as the run without samples
     a, b = _adapter(plain.output_dir), _adapter(sampled.output_dir)
     assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
