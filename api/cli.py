@@ -79,6 +79,18 @@ def _settings(args):
     return Settings(home=args.home) if getattr(args, "home", None) else Settings()
 
 
+def _db_settings(args):
+    """Settings for a command that reads or writes rows: the schema must be current, or a clear error."""
+    from api.core.db.migrate import SchemaNotCurrent, check_current
+
+    settings = _settings(args)
+    try:
+        check_current(settings.database_url)
+    except SchemaNotCurrent as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return settings
+
+
 # -- serve ------------------------------------------------------------------------------------------
 
 def _serve(args) -> int:
@@ -234,7 +246,7 @@ def _apikey_create(args) -> int:
     from api.auth import create_api_key
     from api.core.db.session import session_scope
 
-    settings = _settings(args)
+    settings = _db_settings(args)
     with session_scope(settings.database_url) as session:
         key, row = create_api_key(session, args.tenant, args.name)
         prefix = row.prefix
@@ -249,7 +261,7 @@ def _apikey_list(args) -> int:
     from api.core.db.models import ApiKey, Tenant
     from api.core.db.session import session_scope
 
-    settings = _settings(args)
+    settings = _db_settings(args)
     with session_scope(settings.database_url) as session:
         query = select(ApiKey, Tenant.name).join(Tenant).order_by(Tenant.name, ApiKey.created_at)
         if args.tenant:
@@ -270,7 +282,7 @@ def _apikey_revoke(args) -> int:
     from api.auth import revoke_api_key
     from api.core.db.session import session_scope
 
-    settings = _settings(args)
+    settings = _db_settings(args)
     with session_scope(settings.database_url) as session:
         row = revoke_api_key(session, args.key)
         if row is None:
@@ -304,7 +316,7 @@ def _model_add(args) -> int:
     from api.core.db.session import session_scope
     from api.core.registry import RegistryError, add_model
 
-    settings = _settings(args)
+    settings = _db_settings(args)
     try:
         with session_scope(settings.database_url) as session:
             row = add_model(session, args.name, args.source, replace=args.replace)
@@ -319,7 +331,7 @@ def _model_list(args) -> int:
     from api.core.db.session import session_scope
     from api.core.registry import list_models
 
-    settings = _settings(args)
+    settings = _db_settings(args)
     with session_scope(settings.database_url) as session:
         for row in list_models(session):
             print(f"{row.name}\t{row.source}")
@@ -332,7 +344,7 @@ def _model_remove(args) -> int:
     from api.core.db.session import session_scope
     from api.core.registry import remove_model
 
-    with session_scope(_settings(args).database_url) as session:
+    with session_scope(_db_settings(args).database_url) as session:
         if not remove_model(session, args.name):
             print(f"error: no model named {args.name!r}", file=sys.stderr)
             return 1

@@ -40,6 +40,17 @@ def test_apikey_lifecycle(tmp_path):
     assert missing.returncode == 1 and "no key matches" in missing.stderr
 
 
+def test_row_commands_on_an_unmigrated_database_name_the_fix(tmp_path):
+    env = service_env()
+    for argv in (("model", "add", "sd15", "runwayml/stable-diffusion-v1-5"), ("model", "list"),
+                 ("apikey", "create", "--tenant", "alice"), ("apikey", "list")):
+        result = subprocess.run([sys.executable, "-m", "api.cli", *argv, "--home", str(tmp_path / "home")],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1, result.stderr
+        assert "not initialised" in result.stderr and "styleinject db upgrade" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_styleinject_help_lists_the_service_commands():
     out = subprocess.run([sys.executable, "-m", "styleinject.cli", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=120, check=True).stdout
