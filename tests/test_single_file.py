@@ -9,6 +9,7 @@ import torch
 
 from styleinject.families import SD, SDXL, family_of
 from styleinject.pipeline import generate, load_pipeline, native_resolution
+from styleinject.serving.defaults import generation_defaults, read_generation_defaults
 from styleinject.testing import write_single_file
 
 KW = {"seed": 3, "steps": 2, "width": 64, "height": 64, "guidance_scale": 5.0}
@@ -49,6 +50,10 @@ def test_config_folder_beside_the_file_needs_configs_only(tiny_sdxl_path, tmp_pa
     pipe = load_pipeline(file, device="cpu")
     assert family_of(pipe) is SDXL
     assert native_resolution(file) == 64
+    # the sampling defaults come from the same folder, for the library and for the API's cost estimate
+    (tmp_path / "community.config" / "generation_defaults.json").write_text('{"steps": 7}')
+    assert generation_defaults(load_pipeline(file, device="cpu"))["steps"] == 7
+    assert read_generation_defaults(file) == {"steps": 7}
 
 
 def test_single_file_errors_name_the_fix(tiny_pipeline_path, tiny_sdxl_path, tmp_path, monkeypatch):

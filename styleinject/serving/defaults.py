@@ -15,8 +15,12 @@ _DEFAULT_KEYS = {"steps": int, "guidance_scale": float, "width": int, "height": 
 
 
 def read_generation_defaults(folder: str | Path) -> dict:
-    """The sampling settings a model folder recommends (``generation_defaults.json``), checked."""
-    path = Path(folder) / DEFAULTS_FILE
+    """The sampling settings a model folder recommends (``generation_defaults.json``), checked. For a
+    single-file checkpoint, its ``<name>.config/`` folder's (where ``load_pipeline`` finds its configs)."""
+    folder = Path(folder)
+    if folder.suffix == ".safetensors":
+        folder = folder.with_suffix(".config")
+    path = folder / DEFAULTS_FILE
     if not path.is_file():
         return {}
     try:
