@@ -43,13 +43,16 @@ def best_checkpoint(job: Job) -> Checkpoint | None:
 def checkpoint_outs(job: Job) -> list[CheckpointOut]:
     best = best_checkpoint(job)
     session = object_session(job)
-    promoted = {} if session is None or not job.checkpoints else dict(session.execute(
-        select(Adapter.source_step, Adapter.id).where(Adapter.source_job_id == job.id)).all())
+    promoted: dict[int, tuple[str, str]] = {}  # step -> (adapter id, name)
+    if session is not None and job.checkpoints:
+        query = select(Adapter.source_step, Adapter.id, Adapter.name).where(Adapter.source_job_id == job.id)
+        promoted = {step: (id_, name) for step, id_, name in session.execute(query)}
     return [CheckpointOut(
         id=c.id, job_id=c.job_id, adapter_id=c.adapter_id, step=c.step, created_at=c.created_at,
         samples_url=f"/jobs/{job.id}/checkpoints/{c.step}/{GRID_NAME}" if c.samples else None,
         samples=c.samples, scores={s.metric: s.value for s in c.scores}, best=c is best,
-        promoted_adapter_id=promoted.get(c.step),
+        promoted_adapter_id=promoted.get(c.step, (None, None))[0],
+        promoted_adapter_name=promoted.get(c.step, (None, None))[1],
     ) for c in job.checkpoints]
 
 

@@ -181,6 +181,7 @@ class CheckpointOut(_Out):
     scores: dict[str, float] = Field({}, description="Metric -> mean score of the grid's images")
     best: bool = Field(False, description="Highest score in the job's select_metric among the kept checkpoints")
     promoted_adapter_id: str | None = Field(None, description="The adapter promoted from this checkpoint, if any")
+    promoted_adapter_name: str | None = None
 
 
 class JobOut(BaseModel):

@@ -225,7 +225,7 @@ const SI = (() => {
         dl.replaceChildren(...entries.flatMap(([k, v]) => [el("dt", { class: k === metric ? "chosen" : "", text: k }), el("dd", { text: fmt(v, 4) })]));
         if (!entries.length) dl.append(el("dt", { class: "muted", text: c.samples_url ? "scoring…" : "not scored" }));
         for (const [k, v] of entries) if (addScore(k, c.step, v)) lines.push(`score ${k} = ${fmt(v, 4)} at step ${c.step}`);
-        if (c.promoted_adapter_id && !$(".promote a", node)) promoted($(".promote", node), c.promoted_adapter_id);
+        if (c.promoted_adapter_id && !$(".promote a", node)) promoted($(".promote", node), c.promoted_adapter_id, c.promoted_adapter_name);
       }
       drawCharts(total);
       return lines;

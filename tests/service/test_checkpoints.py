@@ -159,7 +159,8 @@ def test_promote_a_checkpoint_to_an_adapter(client, trained):
     # default name; deleting a promoted adapter leaves the job's files alone
     second = client.post("/jobs/job1/checkpoints/4/promote", headers=AUTH).json()
     assert second["name"] == "stripy-step4"
-    assert client.get("/jobs/job1", headers=AUTH).json()["checkpoints"][1]["promoted_adapter_id"] == second["id"]
+    listed = client.get("/jobs/job1", headers=AUTH).json()["checkpoints"][1]
+    assert (listed["promoted_adapter_id"], listed["promoted_adapter_name"]) == (second["id"], "stripy-step4")
     overview = client.get("/dashboard", headers=AUTH).text  # the overview links it to its job and step
     assert '<a href="/dashboard/jobs/job1" title="promoted from this job\'s checkpoint at step 4">' in overview
     page = client.get("/dashboard/jobs/job1", headers=AUTH).text

@@ -383,7 +383,7 @@ def test_sample_grids_scores_and_promote(desktop, phone, service, api, tmp_path)
     phone.goto(f"/dashboard/jobs/{job_id}")
     phone.page.wait_for_function(GRIDS_LOADED)
     promoted = phone.page.locator(f"#checkpoints figure.ckpt[data-step='{best[0]}'] .promote a")
-    assert promoted.count() == 1  # after a reload too
+    assert promoted.count() == 1 and promoted.inner_text() == adapter["name"]  # after a reload too
     other = phone.page.locator("#checkpoints figure.ckpt:not(.best)").first
     other.locator("button.promote-button").click()
     other.locator(".promote a").wait_for(timeout=30000)
