@@ -77,7 +77,7 @@ def test_flag_map_comes_from_the_parser():
     assert flags["teacher_model"] == "--teacher-model" and flags["validation_prompts"] == "--validation-prompt"
     config_fields = set(TrainConfig.__dataclass_fields__)
     cli_only = {"lora", "no_dma", "no_sta", "random_crop", "rank", "num_styles", "alpha", "target_modules",
-                "style_modules", "conv_target_modules"}  # adapter settings and switches
+                "style_modules", "conv_target_modules", "preset", "a_init"}  # adapter settings and switches
     assert set(flags) - config_fields <= cli_only
     import argparse
 
