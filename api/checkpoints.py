@@ -91,9 +91,9 @@ def promote(session: Session, store: ArtifactStore, job: Job, checkpoint: Checkp
     adapter.config = json.loads((source / "adapter_config.json").read_text())
     adapter.meta = safetensors_metadata(source / "adapter_model.safetensors") | {"sha256": digest.hexdigest()}
     adapter.size_bytes = size
-    for score in checkpoint.scores:
+    for score in checkpoint.scores:  # details carry the checkpoint's "step", as the job's own adapter's do
         session.add(EvalScore(adapter_id=adapter.id, job_id=job.id, metric=score.metric, value=score.value,
-                              details={**(score.details or {}), "checkpoint_step": checkpoint.step}))
+                              details=score.details))
     return adapter
 
 

@@ -141,6 +141,7 @@ def test_promote_a_checkpoint_to_an_adapter(client, trained):
     assert (adapter["source_job_id"], adapter["source_step"], adapter["job_id"]) == ("job1", 2, None)
     assert adapter["metadata"]["steps"] == "2" and adapter["metadata"]["checkpoint"] == "true"
     assert sorted(s["metric"] for s in adapter["eval_scores"]) == ["clipscore", "toystyle"]
+    assert all(s["details"]["step"] == 2 and s["details"]["n_samples"] == 6 for s in adapter["eval_scores"])
     detail = client.get(f"/adapters/{adapter['id']}", headers=AUTH).json()
     assert (detail["source_job_id"], detail["source_step"]) == ("job1", 2)
     # its own copy of the checkpoint's weights: the same bytes, the engine's content hash
