@@ -205,7 +205,7 @@ const SI = (() => {
       });
     };
 
-    function update(list, total) {
+    function update(list, total, live) {  // live: the job still runs, so scores may come
       const lines = [];
       const empty = $(".empty", container);
       if (empty && list.length) empty.remove();
@@ -223,7 +223,7 @@ const SI = (() => {
         node.classList.toggle("best", !!c.best);
         const dl = $("dl.scores", node), entries = Object.entries(c.scores || {}).sort();
         dl.replaceChildren(...entries.flatMap(([k, v]) => [el("dt", { class: k === metric ? "chosen" : "", text: k }), el("dd", { text: fmt(v, 4) })]));
-        if (!entries.length) dl.append(el("dt", { class: "muted", text: c.samples_url ? "scoring…" : "not scored" }));
+        if (!entries.length) dl.append(el("dt", { class: "muted", text: live && c.samples_url ? "scoring…" : "not scored" }));
         for (const [k, v] of entries) if (addScore(k, c.step, v)) lines.push(`score ${k} = ${fmt(v, 4)} at step ${c.step}`);
         if (c.promoted_adapter_id && !$(".promote a", node)) promoted($(".promote", node), c.promoted_adapter_id, c.promoted_adapter_name);
       }
@@ -272,7 +272,7 @@ const SI = (() => {
 
     for (const e of initial.events) if (e.kind === "progress") addPoint(e.data);
     draw();
-    ckpts.update(initial.job.checkpoints, total);
+    ckpts.update(initial.job.checkpoints, total, ["queued", "running"].includes(initial.job.status));
 
     const update = job => {
       const p = job.progress;
@@ -293,7 +293,8 @@ const SI = (() => {
       if (job.finished_at) $("#finished").textContent = job.finished_at.slice(0, 19).replace("T", " ") + " UTC";
       const error = $("#error");
       if (job.error) { error.textContent = job.error; error.hidden = false; }
-      for (const line of ckpts.update(job.checkpoints, total)) log(document.createTextNode(line));
+      const live = ["queued", "running"].includes(job.status);
+      for (const line of ckpts.update(job.checkpoints, total, live)) log(document.createTextNode(line));
       const status = $("#status");
       if (status.textContent !== job.status) {
         log(el("span", { class: `status ${job.status}`, text: job.status }));
