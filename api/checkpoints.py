@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session, object_session
 from api.core.db.models import Adapter, Checkpoint, EvalScore, Job
 from api.core.storage import ADAPTERS, ArtifactStore
 from api.schemas import CheckpointOut
+from styleinject.names import DEFAULT_SELECT_METRIC
 
-DEFAULT_SELECT_METRIC = "clipscore"  # every deployment has it (the embedded one: the toy CLIP)
 GRID_NAME = "samples.png"  # styleinject.train.validation.GRID_NAME (that module imports torch)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_HEADER_BYTES = 100 * 1024**2

@@ -17,7 +17,14 @@ from api.core.db.models import (
     WEBHOOK_EVENTS,
 )
 from styleinject.adapters.config import PRESET_FIELDS, StyleInjectConfig
-from styleinject.names import A_INITS, ADAPTER_PRESETS, MIXED_PRECISIONS, SCORER_NAMES, TRAIN_KINDS
+from styleinject.names import (
+    A_INITS,
+    ADAPTER_PRESETS,
+    DEFAULT_SELECT_METRIC,
+    MIXED_PRECISIONS,
+    SCORER_NAMES,
+    TRAIN_KINDS,
+)
 from styleinject.train.config import TrainConfig, field_default
 
 # Each list of names has one home (the library's styleinject.names, the core's db models); the
@@ -148,7 +155,7 @@ class TrainRequest(JobWebhook):
     checkpoint_samples: bool = Field(True, description="Render the validation grid into every checkpoint "
                                      "(GET /jobs/{id}/checkpoints/{step}/samples.png) and score it with the "
                                      "server's checkpoint scorers; the library's default is off")
-    select_metric: ScorerName = Field("clipscore", description="The score that marks a job's best checkpoint "
+    select_metric: ScorerName = Field(DEFAULT_SELECT_METRIC, description="The score that marks a job's best checkpoint "
                                       "(highest wins) among those the server's checkpoint scorers give")
     instance_prompt: str | None = Field(_train_default("instance_prompt"),
                                         description="dreambooth: the identifier prompt")

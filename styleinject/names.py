@@ -18,6 +18,7 @@ A_INITS = ("lora", "mixture")  # StyleInjectConfig.a_init: each A_i like a LoRA 
 
 # evaluation scorers (styleinject.eval.scorers registry keys)
 SCORER_NAMES = ("clipscore", "pickscore", "imagereward", "toystyle")
+DEFAULT_SELECT_METRIC = "clipscore"  # marks a service job's best checkpoint; every deployment can score it
 # keys of evaluate_adapter(scorer_paths=...): a hub id or local folder per model a scorer loads
 SCORER_PATH_KEYS = ("clipscore", "pickscore", "pickscore_processor", "imagereward", "imagereward_tokenizer",
                     "toystyle")

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from api.core.db.models import Checkpoint, EvalScore
+from api.core.db.models import Checkpoint, EvalScore, Job
 from api.core.jobs import record_event
 from api.core.settings import Settings
+from styleinject.names import DEFAULT_SELECT_METRIC
 
 log = logging.getLogger("worker.checkpoints")
 
@@ -91,6 +92,34 @@ class CheckpointScorer:
                 session.add(EvalScore(checkpoint_id=checkpoint.id, job_id=job_id, metric=metric, value=value,
                                       details={**stats, "step": checkpoint.step}))
                 record_event(session, job_id, "score", {"metric": metric, "value": value, "step": checkpoint.step})
+        if pending:
+            session.flush()
+            self.pin_best(session, job_id)
+
+    @staticmethod
+    def pin_best(session, job_id: str) -> None:
+        """Pin the best checkpoint so far (the job's ``select_metric``) against pruning; unpin the rest.
+
+        Without this, ``keep_checkpoints`` (3 by default) would delete an early best checkpoint before
+        the user could promote it. Same rule as the API's ``best`` flag: highest score, later on a tie.
+        """
+        from styleinject.train.checkpoint import pin_checkpoint, unpin_checkpoint
+
+        job = session.get(Job, job_id)
+        metric = (job.params or {}).get("select_metric") or DEFAULT_SELECT_METRIC
+        rows = session.execute(select(Checkpoint, EvalScore.value).join(EvalScore, EvalScore.checkpoint_id == Checkpoint.id)
+                               .where(Checkpoint.job_id == job_id, EvalScore.metric == metric)
+                               .order_by(Checkpoint.step)).all()
+        best = None
+        for checkpoint, value in rows:
+            if Path(checkpoint.path).is_dir() and (best is None or value >= best[1]):
+                best = (checkpoint, value)
+        for checkpoint, _ in rows:
+            if Path(checkpoint.path).is_dir():
+                if best is not None and checkpoint is best[0]:
+                    pin_checkpoint(checkpoint.path, f"best {metric} so far")
+                else:
+                    unpin_checkpoint(checkpoint.path)
 
 
 def attach_final_scores(session, job_id: str, adapter_id: str, step: int) -> None:

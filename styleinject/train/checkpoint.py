@@ -8,6 +8,7 @@ Layout of ``<output>/checkpoints/step-000123/``::
     optimizer.json                param groups, parameter names, non-tensor state
     rng_0.safetensors             torch CPU / CUDA RNG states and the noise generator (one per process)
     training_state.json           step, data order, Python and NumPy RNG, config; written last
+    pinned                        optional: kept by prune_checkpoints (text: why)
 
 A checkpoint is written into ``checkpoints/.tmp-step-000123`` and renamed when complete, so a
 crash never leaves a half checkpoint under a final name.
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_NAME = "training_state.json"
+PIN_NAME = "pinned"  # present: prune_checkpoints keeps this checkpoint whatever its age
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 RNG_NAME = "rng_{}.safetensors"  # one per process
@@ -65,11 +67,22 @@ def remove_partial(output_dir: str | Path) -> None:
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints (``keep <= 0`` keeps all)."""
+    """Keep the newest ``keep`` checkpoints (``keep <= 0`` keeps all) and every pinned one."""
     if keep <= 0:
         return
     for path in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        if not (path / PIN_NAME).exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def pin_checkpoint(path: str | Path, reason: str) -> None:
+    """Exempt a checkpoint from pruning (the service pins a job's best-scoring checkpoint, which is
+    often not among the newest few)."""
+    (Path(path) / PIN_NAME).write_text(reason + "\n")
+
+
+def unpin_checkpoint(path: str | Path) -> None:
+    (Path(path) / PIN_NAME).unlink(missing_ok=True)
 
 
 def tmp_dir(output_dir: str | Path, step: int) -> Path:

@@ -90,6 +90,35 @@ def test_every_checkpoint_is_scored_as_it_is_written(trained):
         assert {(s.metric, s.value) for s in adapter.eval_scores} == final
 
 
+def test_the_best_checkpoint_so_far_is_pinned_against_pruning(trained):
+    from pathlib import Path
+
+    from styleinject.train.checkpoint import PIN_NAME
+    from worker.checkpoints import CheckpointScorer
+
+    def pinned():
+        with session_scope(trained.database_url) as session:
+            rows = session.scalars(select(Checkpoint).where(Checkpoint.job_id == "job1")).all()
+            return {c.step for c in rows if (Path(c.path) / PIN_NAME).exists()}
+
+    def best(metric):
+        with session_scope(trained.database_url) as session:
+            rows = session.scalars(select(EvalScore).where(EvalScore.job_id == "job1", EvalScore.metric == metric,
+                                                           EvalScore.checkpoint_id.is_not(None))).all()
+            top = max(rows, key=lambda s: (s.value, s.checkpoint.step))
+            return top.checkpoint.step
+
+    assert pinned() == {best("toystyle")}  # the job's select_metric
+    with session_scope(trained.database_url) as session:
+        session.get(Job, "job1").params = {**session.get(Job, "job1").params, "select_metric": "clipscore"}
+    with session_scope(trained.database_url) as session:
+        CheckpointScorer.pin_best(session, "job1")
+    assert pinned() == {best("clipscore")}  # the pin moves with the best; the old one is unpinned
+    with session_scope(trained.database_url) as session:
+        session.get(Job, "job1").params = {**session.get(Job, "job1").params, "select_metric": "toystyle"}
+        CheckpointScorer.pin_best(session, "job1")
+
+
 @pytest.fixture
 def client(trained):
     with TestClient(create_app(trained)) as client:
