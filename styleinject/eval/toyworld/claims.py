@@ -546,6 +546,22 @@ def analyse(root: Path, out: Path | None = None, calibration_reps: int = 200) ->
         rows = json.loads(drift.read_text())["rows"]
         report["drift"] = {r["variant"] + f" | seed {r['seed']}": {"largest_fall": r["largest_fall"], "curve": r["curve"],
                                                                   "shares": r["shares"]["shares"]} for r in rows}
+        # C2's test: each LoRA's largest fall minus StyleInject's, paired per seed (bootstrap over seeds)
+        falls: dict[str, dict[int, float]] = {}
+        for r in rows:
+            falls.setdefault(r["variant"], {})[r["seed"]] = r["largest_fall"]
+        si = next((n for n in falls if n.startswith("styleinject")), None)
+        tests = {}
+        for name, mine in falls.items():
+            seeds = sorted(set(mine) & set(falls.get(si, {})))
+            if name != si and len(seeds) >= 2:
+                tests[f"{name} - {si}"] = {**paired_bootstrap(np.array([mine[s] - falls[si][s] for s in seeds])),
+                                           "seeds": seeds}
+        for key, h in holm({k: t["p"] for k, t in tests.items()}).items():
+            tests[key].update(h)
+            tests[key]["verdict"] = ("supported" if tests[key]["mean"] > 0 else "contradicted") if h["reject"] \
+                else "not detectable"
+        report["drift_comparisons"] = tests
     if out is not None:
         out.write_text(json.dumps(report, indent=2) + "\n")
     return report
