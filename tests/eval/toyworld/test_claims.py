@@ -90,3 +90,21 @@ def test_resolved_differences_count_shared_runs_once(tmp_path):
     style = next(f for f in found if f["metric"] == "style")
     assert style["mean"] == pytest.approx(0.11) and style["resolved_unadjusted"] and style["same_sign_seeds"] == 3
     assert next(f for f in found if f["metric"] == "style_dist")["p"] == 1.0
+
+
+def test_multistyle_comparisons_pair_units_and_give_verdicts():
+    rng = np.random.default_rng(1)
+
+    def rows(mode, p_si, p_lora):
+        out = []
+        for seed in (0, 1):
+            for name, p in (("styleinject r4 n4", p_si), ("lora r4", p_lora)):
+                out.append({"variant": name, "mode": mode, "seed": seed,
+                            "style_hits": list(rng.random(100) < p), "all_hits": list(rng.random(100) < 0.4)})
+        return out
+
+    results, tests = claims.multistyle_comparisons({"named": rows("named", 0.9, 0.2), "cue": rows("cue", 0.1, 0.8)})
+    assert len(results) == 4 and all(len(t["diffs"]) == 200 for t in tests.values())
+    assert results["named | style | styleinject - lora r4"]["verdict"] == "supported"
+    assert results["cue | style | styleinject - lora r4"]["verdict"] == "contradicted"
+    assert results["named | all | styleinject - lora r4"]["verdict"] == "not detectable"
