@@ -120,6 +120,14 @@ class AdapterSpec(BaseModel):
     def _apply_preset(self):
         if self.preset is None:
             return self
+        fixed = PRESET_FIELDS[self.preset]
+        clash = sorted(n for n in fixed if n in self.model_fields_set and getattr(self, n) != fixed[n])
+        if clash:
+            raise ValueError(f"preset {self.preset} sets {' and '.join(clash)}; leave "
+                             f"{'it' if len(clash) == 1 else 'them'} out")
+        for name, value in fixed.items():
+            setattr(self, name, value)
+        return self
 
 
 class TrainRequest(JobWebhook):
