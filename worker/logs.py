@@ -3,7 +3,8 @@ STYLEINJECT_LOG_FORMAT, each task's lines with the request id its message carrie
 bars (tqdm writes them to stderr, which Celery turns into WARNING lines: dozens per model load).
 
 Imported by worker/celery_app.py, so ``styleinject worker`` and ``celery -A worker.celery_app``
-(``styleinject serve``'s children) both get it before any task module loads tqdm.
+(``styleinject serve``'s children) both get it when the worker starts (``celeryd_init``, in the main
+process before any pool child or task module loads tqdm).
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ def tame_libraries() -> None:
         library.enable_propagation()
 
 
-quiet_progress_bars()
 connect_celery_publisher()  # a task's retry (and any task it sends) keeps its request id
 
 
 @celeryd_init.connect(weak=False)
 def _early_logging(options: dict | None = None, **_: Any) -> None:
-    """Before the worker's first own line (its privilege warning comes before ``setup_logging``)."""
+    """Before the worker's first own line (its privilege warning comes before ``setup_logging``).
+    Only a worker process goes quiet: importing this module (tests, tools) leaves the environment be."""
+    quiet_progress_bars()
     configure_logging(get_settings().log_format, (options or {}).get("loglevel") or "INFO")
 
 
