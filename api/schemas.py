@@ -160,6 +160,9 @@ class TrainRequest(JobWebhook):
     validation_seeds: list[int] | None = Field(default_factory=lambda: _train_default("validation_seeds"),
                                                min_length=1, max_length=8,
                                                description="Sampling seeds of the validation grid (one column each)")
+    sample_steps: int | None = Field(_train_default("sample_steps"), ge=1, le=200,
+                                     description="Denoising steps of the validation grids (and of a distillation "
+                                     "teacher's samples and DreamBooth's class images)")
     checkpoint_samples: bool = Field(True, description="Render the validation grid into every checkpoint "
                                      "(GET /jobs/{id}/checkpoints/{step}/samples.png) and score it with the "
                                      "server's checkpoint scorers; the library's default is off")
