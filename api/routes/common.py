@@ -26,6 +26,18 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 AUTH_ERRORS = errors(401)
 
 
+def tenant_params(job: Job) -> dict[str, Any]:
+    """The job's parameters as its tenant sent them: models by registered name, never the source
+    path the worker loads (kept in the row under the same keys)."""
+    params = dict(job.params or {})
+    session = object_session(job)
+    for field in ("base_model", "teacher_model"):
+        submitted = params.pop(f"{field}_name", None)
+        if field in params and session is not None:
+            params[field] = display_name(session, params[field], submitted)
+    return params
+
+
 def job_out(job: Job) -> JobOut:
     if job.kind == "evaluate":
         adapter_id = job.params.get("adapter_id")
@@ -37,7 +49,7 @@ def job_out(job: Job) -> JobOut:
         status=job.status,
         dataset_id=job.dataset_id,
         adapter_id=adapter_id,
-        params=job.params or {},
+        params=tenant_params(job),
         progress=job.progress,
         result=job.result,
         error=job.error,

@@ -70,12 +70,20 @@ def test_unregistered_models_are_422_before_anything_is_queued(client, settings,
         add_model(session, "teacher", "/models/teacher.safetensors")
     response = client.post("/train", json={**body, "base_model": "sd15"}, headers=tenant)
     assert response.status_code == 202, response.text
+    # the row keeps the source the worker loads; the tenant sees the names it sent, never a server path
     params = response.json()["params"]
-    assert params["base_model"] == "/models/sd15" and params["base_model_name"] == "sd15"
+    assert params["base_model"] == "sd15" and "base_model_name" not in params
+    assert client.get(f"/jobs/{response.json()['id']}", headers=tenant).json()["params"]["base_model"] == "sd15"
+    with session_scope(settings.database_url) as session:
+        assert session.get(Job, response.json()["id"]).params["base_model"] == "/models/sd15"
     response = client.post("/train", json={**body, "kind": "distill", "teacher_model": "teacher"}, headers=tenant)
-    assert response.status_code == 202 and response.json()["params"]["teacher_model"] == "/models/teacher.safetensors"
+    assert response.status_code == 202 and response.json()["params"]["teacher_model"] == "teacher"
+    with session_scope(settings.database_url) as session:
+        assert session.get(Job, response.json()["id"]).params["teacher_model"] == "/models/teacher.safetensors"
     response = client.post("/train", json=body, headers=tenant)  # unset: the server's default base model
-    assert response.status_code == 202 and response.json()["params"]["base_model"] == "/models/x"
+    assert response.status_code == 202 and response.json()["params"]["base_model"] == "unregistered"
+    with session_scope(settings.database_url) as session:
+        assert session.get(Job, response.json()["id"]).params["base_model"] == "/models/x"
 
 
 def test_only_the_admin_registers_models(client, tenant):
