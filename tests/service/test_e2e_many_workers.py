@@ -9,7 +9,6 @@ import signal
 import sys
 import time
 import uuid
-import zipfile
 
 import pytest
 from sqlalchemy import create_engine, select

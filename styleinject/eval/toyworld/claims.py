@@ -37,7 +37,7 @@ import torch
 from styleinject import StyleInjectConfig
 from styleinject.assets import TOY_BASE
 
-from ..mechanism import mechanism_shares, record_unet_inputs
+from ..mechanism import record_unet_inputs
 from .alignment import PROMPT_SEED
 from .checker import correct, load_checker
 from .experiments import DATA_SEED, adapter_params, adapter_shares, lora_matching, run_key
