@@ -7,11 +7,16 @@ parsed here with python-multipart's push parser while the body arrives.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import python_multipart as multipart
 from python_multipart.multipart import parse_options_header
+from fastapi import HTTPException
 from starlette.requests import ClientDisconnect, Request
+
+from api.core.storage import UPLOADS, ArtifactStore
 
 from styleinject.names import DATASET_FILE_SUFFIXES
 
@@ -160,3 +165,19 @@ async def receive_file(request: Request, field: str, dest_dir: Path, max_bytes: 
     if "path" not in result:
         raise UploadError(422, f"multipart field '{field}' (the {what} file) is missing")
     return result["path"], result["original"], result["size"]
+
+
+@asynccontextmanager
+async def staged(store: ArtifactStore, kind: str, item_id: str) -> AsyncIterator[None]:
+    """Receiving and validating an upload into ``store``'s ``kind``/``item_id``: on any failure the
+    half-made item is deleted (an ``UploadError`` becomes its HTTP answer); the raw upload always is."""
+    try:
+        yield
+    except UploadError as exc:
+        store.delete(kind, item_id)
+        raise HTTPException(exc.status_code, exc.message) from None
+    except BaseException:
+        store.delete(kind, item_id)
+        raise
+    finally:
+        store.delete(UPLOADS, item_id)

@@ -28,7 +28,7 @@ from api.core.storage import ADAPTERS, UPLOADS
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep, get_owned
 from api.routes.common import AUTH_ERRORS, adapter_out, errors
 from api.schemas import AdapterDetail, AdapterOut, EvalScoreOut
-from api.uploads import UploadError, receive_file, safe_filename
+from api.uploads import UploadError, receive_file, safe_filename, staged
 
 router = APIRouter(prefix="/adapters", tags=["adapters"], responses=AUTH_ERRORS)
 
@@ -139,20 +139,12 @@ async def import_adapter(
                                  "GET /models (an admin adds models with `styleinject model add`)")
     adapter_id = new_id()
     dest = store.path_for(ADAPTERS, adapter_id)
-    try:
+    async with staged(store, ADAPTERS, adapter_id):
         upload, original, _ = await receive_file(request, "file", store.path_for(UPLOADS, adapter_id),
                                                  settings.max_lora_upload_bytes, suffixes=(".safetensors",),
                                                  what="LoRA file", types=LORA_TYPES)
         config, meta, size = await run_in_threadpool(convert_lora, upload, original, dest, source, base_model)
         await run_in_threadpool(store.put_dir, ADAPTERS, adapter_id, dest)
-    except UploadError as exc:
-        store.delete(ADAPTERS, adapter_id)
-        raise HTTPException(exc.status_code, exc.message) from None
-    except BaseException:
-        store.delete(ADAPTERS, adapter_id)
-        raise
-    finally:
-        store.delete(UPLOADS, adapter_id)
 
     def create_row() -> dict[str, Any]:
         with session_scope(settings.database_url) as session:

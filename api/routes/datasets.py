@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi import APIRouter, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
@@ -25,7 +25,7 @@ from api.core.storage import DATASETS, UPLOADS
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep, get_owned
 from api.routes.common import AUTH_ERRORS, errors
 from api.schemas import DatasetOut, TrainKind
-from api.uploads import UploadError, library_error_message, receive_file
+from api.uploads import UploadError, library_error_message, receive_file, staged
 from styleinject.names import ARCHIVE_SUFFIXES
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], responses=AUTH_ERRORS)
@@ -73,19 +73,11 @@ async def create_dataset(
     dataset_id = new_id()
     upload_dir = store.path_for(UPLOADS, dataset_id)
     dest = store.path_for(DATASETS, dataset_id)
-    try:
+    async with staged(store, DATASETS, dataset_id):
         upload, original, size = await receive_file(request, "file", upload_dir, settings.max_upload_bytes)
         data_path, info = await run_in_threadpool(validate_upload, upload, dest, kind, skip_bad,
                                                   settings.max_extract_ratio, settings.max_image_pixels)
         await run_in_threadpool(store.put_dir, DATASETS, dataset_id, dest)
-    except UploadError as exc:
-        store.delete(DATASETS, dataset_id)
-        raise HTTPException(exc.status_code, exc.message) from None
-    except BaseException:
-        store.delete(DATASETS, dataset_id)
-        raise
-    finally:
-        store.delete(UPLOADS, dataset_id)
 
     def create_row() -> Dataset:
         with session_scope(settings.database_url) as session:
