@@ -51,6 +51,28 @@ N_TRAIN = 999
 ALPHA = 0.05
 
 
+def _pending_runs(variants: dict[str, StyleInjectConfig], seeds, only, root: Path, key_of, rows: list, log):
+    """Each (variant, seed) run still to do, as (name, cfg, seed, run_dir); finished runs' cached rows
+    go straight into ``rows``. ``key_of(cfg, seed)`` names the run's cache folder."""
+    for name, cfg in variants.items():
+        if only and not any(o.lower() in name.lower() for o in only):
+            continue
+        for seed in seeds:
+            run_dir = root / "cache" / key_of(cfg, seed)
+            if (run_dir / "row.json").exists():
+                rows.append({**json.loads((run_dir / "row.json").read_text()), "variant": name})
+                log(f"cached: {name} seed {seed}")
+                continue
+            yield name, cfg, seed, run_dir
+
+
+def _write_rows(out: Path, experiment: dict, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.json").write_text(json.dumps(
+        {**experiment, "rows": rows, "machine": _machine(),
+         "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n")
+
+
 # -- C1: multi-style ------------------------------------------------------------------------
 
 def target_style(scene, index: int, mode: str) -> str:
@@ -155,50 +177,41 @@ def run_multistyle(mode: str, *, model: str, checker: str, seeds, steps: int, lr
     chk = load_checker(checker)
     pipe = load_pipeline(model, device="cpu")
     scenes, styles, prompts = held_out(mode, n_eval)
+
+    def key_of(cfg, seed):
+        return run_key(kind="multistyle", mode=mode, model=model, adapter=cfg.to_dict(), steps=steps, lr=lr,
+                       batch_size=batch_size, seed=seed, n_eval=n_eval, n_train=N_TRAIN)
+
     rows = []
-    for name, cfg in multistyle_variants(model).items():
-        if only and not any(o.lower() in name.lower() for o in only):
-            continue
-        for seed in seeds:
-            key = run_key(kind="multistyle", mode=mode, model=model, adapter=cfg.to_dict(), steps=steps, lr=lr,
-                          batch_size=batch_size, seed=seed, n_eval=n_eval, n_train=N_TRAIN)
-            run_dir = root / "cache" / key
-            done = run_dir / "row.json"
-            if done.exists():
-                rows.append({**json.loads(done.read_text()), "variant": name})
-                log(f"cached: {name} seed {seed}")
-                continue
-            t0 = time.time()
-            result = run_training(TrainConfig(
-                kind="finetune", base_model=model, data=str(data), output_dir=str(run_dir), steps=steps,
-                resolution=32, batch_size=batch_size, learning_rate=lr, seed=seed, checkpoint_every=0,
-                resume="latest" if (run_dir / "checkpoints").exists() else None, adapter=copy.deepcopy(cfg)))
-            train_s = time.time() - t0
-            load_adapter(pipe.unet, run_dir, "trained")
-            images = _generate(pipe, prompts, seed, "trained")
-            hits = correct(chk, images, scenes, styles)
-            row = {"variant": name, "mode": mode, "seed": seed, "params": adapter_params(model, cfg),
-                   "final_loss": result.loss, "train_s": round(train_s, 1), "run": key,
-                   "style_hits": [bool(v) for v in hits["style"]], "all_hits": [bool(v) for v in hits["all"]],
-                   "target_styles": styles, "shares": adapter_shares(model, run_dir)}
-            if cfg.num_styles > 1:
-                inputs = record_unet_inputs(pipe, prompts, seeds=(seed,), steps=30, guidance=4.0,
-                                            at_steps=(0, 10, 20, 29), width=32, height=32)
-                row["router_mi"] = router_mi(pipe.unet, "trained", inputs, styles)
-                torch.manual_seed(seed)
-                inject(pipe.unet, copy.deepcopy(cfg), "untrained")
-                row["router_mi_untrained"] = router_mi(pipe.unet, "untrained", inputs, styles)
-                delete_adapter(pipe.unet, "untrained")
-            delete_adapter(pipe.unet, "trained")
-            done.write_text(json.dumps(row) + "\n")
-            rows.append(row)
-            log(json.dumps({k: v for k, v in row.items() if not k.endswith(("hits", "styles"))}))
-    out = root / f"multistyle-{mode}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rows.json").write_text(json.dumps(
-        {"experiment": "multistyle", "mode": mode, "steps": steps, "lr": lr, "batch_size": batch_size,
-         "seeds": list(seeds), "n_eval_prompts": n_eval, "rows": rows, "machine": _machine(),
-         "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n")
+    for name, cfg, seed, run_dir in _pending_runs(multistyle_variants(model), seeds, only, root, key_of, rows, log):
+        t0 = time.time()
+        result = run_training(TrainConfig(
+            kind="finetune", base_model=model, data=str(data), output_dir=str(run_dir), steps=steps,
+            resolution=32, batch_size=batch_size, learning_rate=lr, seed=seed, checkpoint_every=0,
+            resume="latest" if (run_dir / "checkpoints").exists() else None, adapter=copy.deepcopy(cfg)))
+        train_s = time.time() - t0
+        load_adapter(pipe.unet, run_dir, "trained")
+        images = _generate(pipe, prompts, seed, "trained")
+        hits = correct(chk, images, scenes, styles)
+        row = {"variant": name, "mode": mode, "seed": seed, "params": adapter_params(model, cfg),
+               "final_loss": result.loss, "train_s": round(train_s, 1), "run": run_dir.name,
+               "style_hits": [bool(v) for v in hits["style"]], "all_hits": [bool(v) for v in hits["all"]],
+               "target_styles": styles, "shares": adapter_shares(model, run_dir)}
+        if cfg.num_styles > 1:
+            inputs = record_unet_inputs(pipe, prompts, seeds=(seed,), steps=30, guidance=4.0,
+                                        at_steps=(0, 10, 20, 29), width=32, height=32)
+            row["router_mi"] = router_mi(pipe.unet, "trained", inputs, styles)
+            torch.manual_seed(seed)
+            inject(pipe.unet, copy.deepcopy(cfg), "untrained")
+            row["router_mi_untrained"] = router_mi(pipe.unet, "untrained", inputs, styles)
+            delete_adapter(pipe.unet, "untrained")
+        delete_adapter(pipe.unet, "trained")
+        (run_dir / "row.json").write_text(json.dumps(row) + "\n")
+        rows.append(row)
+        log(json.dumps({k: v for k, v in row.items() if not k.endswith(("hits", "styles"))}))
+    _write_rows(root / f"multistyle-{mode}", {"experiment": "multistyle", "mode": mode, "steps": steps, "lr": lr,
+                                              "batch_size": batch_size, "seeds": list(seeds), "n_eval_prompts": n_eval},
+                rows)
     return rows
 
 
@@ -302,42 +315,32 @@ def run_drift(*, model: str, teacher: str, checker: str, seeds, steps: int, ever
             delete_adapter(pipe.unet, "ck")
         return float(np.mean(correct(chk, images, scenes, None)["all"]))
 
+    def key_of(cfg, seed):
+        return run_key(kind="drift", model=model, teacher=teacher, adapter=cfg.to_dict(), steps=steps, every=every,
+                       lr=lr, batch_size=batch_size, seed=seed, n_eval=n_eval)
+
     rows = []
-    for name, cfg in drift_variants(model).items():
-        if only and not any(o.lower() in name.lower() for o in only):
-            continue
-        for seed in seeds:
-            key = run_key(kind="drift", model=model, teacher=teacher, adapter=cfg.to_dict(), steps=steps, every=every,
-                          lr=lr, batch_size=batch_size, seed=seed, n_eval=n_eval)
-            run_dir = root / "cache" / key
-            done = run_dir / "row.json"
-            if done.exists():
-                rows.append({**json.loads(done.read_text()), "variant": name})
-                log(f"cached: {name} seed {seed}")
-                continue
-            t0 = time.time()
-            result = run_training(TrainConfig(
-                kind="distill", base_model=str(student), teacher_model=teacher, data=str(data),
-                output_dir=str(run_dir), steps=steps, resolution=32, batch_size=batch_size, learning_rate=lr,
-                seed=seed, checkpoint_every=every, keep_checkpoints=0,
-                resume="latest" if (run_dir / "checkpoints").exists() else None, adapter=copy.deepcopy(cfg)))
-            train_s = time.time() - t0
-            curve = [{"step": 0, "all": attribute_acc(seed, None)}]
-            for ck in result.checkpoints:
-                curve.append({"step": int(ck.name.split("-")[1]), "all": attribute_acc(seed, ck)})
-            row = {"variant": name, "seed": seed, "params": adapter_params(str(student), cfg), "train_s": round(train_s, 1),
-                   "final_loss": result.loss, "run": key, "curve": curve,
-                   "largest_fall": largest_fall([c["all"] for c in curve[1:]]),
-                   "shares": adapter_shares(str(student), run_dir)}
-            done.write_text(json.dumps(row) + "\n")
-            rows.append(row)
-            log(json.dumps(row))
-    out = root / "drift"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rows.json").write_text(json.dumps(
-        {"experiment": "drift", "steps": steps, "every": every, "lr": lr, "batch_size": batch_size,
-         "seeds": list(seeds), "n_eval_prompts": n_eval, "teacher": teacher, "cipher_seed": 0, "rows": rows,
-         "machine": _machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n")
+    for name, cfg, seed, run_dir in _pending_runs(drift_variants(model), seeds, only, root, key_of, rows, log):
+        t0 = time.time()
+        result = run_training(TrainConfig(
+            kind="distill", base_model=str(student), teacher_model=teacher, data=str(data),
+            output_dir=str(run_dir), steps=steps, resolution=32, batch_size=batch_size, learning_rate=lr,
+            seed=seed, checkpoint_every=every, keep_checkpoints=0,
+            resume="latest" if (run_dir / "checkpoints").exists() else None, adapter=copy.deepcopy(cfg)))
+        train_s = time.time() - t0
+        curve = [{"step": 0, "all": attribute_acc(seed, None)}]
+        for ck in result.checkpoints:
+            curve.append({"step": int(ck.name.split("-")[1]), "all": attribute_acc(seed, ck)})
+        row = {"variant": name, "seed": seed, "params": adapter_params(str(student), cfg), "train_s": round(train_s, 1),
+               "final_loss": result.loss, "run": run_dir.name, "curve": curve,
+               "largest_fall": largest_fall([c["all"] for c in curve[1:]]),
+               "shares": adapter_shares(str(student), run_dir)}
+        (run_dir / "row.json").write_text(json.dumps(row) + "\n")
+        rows.append(row)
+        log(json.dumps(row))
+    _write_rows(root / "drift", {"experiment": "drift", "steps": steps, "every": every, "lr": lr,
+                                 "batch_size": batch_size, "seeds": list(seeds), "n_eval_prompts": n_eval,
+                                 "teacher": teacher, "cipher_seed": 0}, rows)
     return rows
 
 
@@ -512,6 +515,81 @@ def _machine() -> str:
             f"{torch.get_num_threads()} thread(s)")
 
 
+def drift_comparisons(rows: list[dict]) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """C2's test: each LoRA's largest fall minus StyleInject's, paired per seed (bootstrap over
+    seeds), Holm over the LoRAs. Also returns the per-seed differences (for the calibration)."""
+    falls: dict[str, dict[int, float]] = {}
+    for r in rows:
+        falls.setdefault(r["variant"], {})[r["seed"]] = r["largest_fall"]
+    si = next((n for n in falls if n.startswith("styleinject")), None)
+    tests, diffs = {}, {}
+    for name, mine in falls.items():
+        seeds = sorted(set(mine) & set(falls.get(si, {})))
+        if name != si and len(seeds) >= 2:
+            key = f"{name} - {si}"
+            diffs[key] = np.array([mine[s] - falls[si][s] for s in seeds])
+            tests[key] = {**paired_bootstrap(diffs[key]), "seeds": seeds, "p_t": _paired_t_p(diffs[key])}
+    for key, h in holm({k: t["p"] for k, t in tests.items()}).items():
+        tests[key].update(h)
+        tests[key]["verdict"] = ("supported" if tests[key]["mean"] > 0 else "contradicted") if h["reject"] \
+            else "not detectable"
+    return tests, diffs
+
+
+def _paired_t_p(d: np.ndarray) -> float:
+    """Paired t-test p (a secondary check, not pre-registered: over 5 seeds the bootstrap is liberal)."""
+    sd = float(np.std(d, ddof=1))
+    if sd == 0:
+        return 1.0 if float(np.mean(d)) == 0 else 0.0
+    return t_two_sided_p(float(np.mean(d)) / (sd / np.sqrt(len(d))), len(d) - 1)
+
+
+def calibrate_drift(diffs: dict[str, np.ndarray], effects=tuple(np.round(np.arange(0.01, 0.301, 0.01), 2)),
+                    reps: int = 200, n_boot: int = 2000, power: float = 0.8, seed: int = 0) -> dict:
+    """Smallest planted difference in largest fall that C2's test detects with ``power``.
+
+    Null data with the measured per-seed spread: each seed's difference gets a random sign
+    (exchangeable arms). Planted: ``effect`` added to every seed's difference (the LoRA falls that
+    much further). Detected: bootstrap p < alpha / m, the Holm step a single true effect must pass.
+    ``false_positive_rate``: the same with nothing planted; with a handful of seeds a percentile
+    bootstrap is liberal, and this says how much."""
+    rng = np.random.default_rng(seed)
+    m = len(diffs)
+    out = {}
+    for key, d in diffs.items():
+        curve = []
+        for effect in (0.0, *effects):
+            detected = 0
+            for _ in range(reps):
+                null = d * rng.choice([-1.0, 1.0], size=len(d))
+                detected += paired_bootstrap(null + effect, n_boot=n_boot, seed=int(rng.integers(1 << 31)))["p"] < ALPHA / m
+            curve.append({"planted_effect": float(effect), "power": detected / reps})
+        reached = [c["planted_effect"] for c in curve[1:] if c["power"] >= power]
+        out[key] = {"false_positive_rate": curve[0]["power"], "curve": curve[1:],
+                    "threshold": min(reached) if reached else None}
+    return out
+
+
+def drift_report(rows: list[dict], calibration_reps: int = 200) -> dict:
+    """Per run: curve, largest fall, shares; per variant: the mean curve and fall; the paired
+    tests with Holm and their calibration."""
+    tests, diffs = drift_comparisons(rows)
+    summary = {}
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == name]
+        steps = [c["step"] for c in mine[0]["curve"]]
+        mean_curve = [float(np.mean([r["curve"][i]["all"] for r in mine])) for i in range(len(steps))]
+        summary[name] = {"params": mine[0]["params"], "seeds": [r["seed"] for r in mine], "steps": steps,
+                         "mean_curve": mean_curve, "largest_fall": float(np.mean([r["largest_fall"] for r in mine])),
+                         "final": mean_curve[-1], "peak": max(mean_curve[1:]),
+                         "shares": {p: float(np.mean([r["shares"]["shares"][p] for r in mine]))
+                                    for p, v in mine[0]["shares"]["shares"].items() if v is not None}}
+    return {"drift": {r["variant"] + f" | seed {r['seed']}": {"largest_fall": r["largest_fall"], "curve": r["curve"],
+                                                             "shares": r["shares"]["shares"]} for r in rows},
+            "drift_summary": summary, "drift_comparisons": tests,
+            "drift_calibration": calibrate_drift(diffs, reps=calibration_reps)}
+
+
 def analyse(root: Path, out: Path | None = None, calibration_reps: int = 200) -> dict:
     rows_by_mode = {}
     for mode in MODES:
@@ -543,25 +621,7 @@ def analyse(root: Path, out: Path | None = None, calibration_reps: int = 200) ->
         report["multistyle"]["summary"] = summary
     drift = root / "drift" / "rows.json"
     if drift.exists():
-        rows = json.loads(drift.read_text())["rows"]
-        report["drift"] = {r["variant"] + f" | seed {r['seed']}": {"largest_fall": r["largest_fall"], "curve": r["curve"],
-                                                                  "shares": r["shares"]["shares"]} for r in rows}
-        # C2's test: each LoRA's largest fall minus StyleInject's, paired per seed (bootstrap over seeds)
-        falls: dict[str, dict[int, float]] = {}
-        for r in rows:
-            falls.setdefault(r["variant"], {})[r["seed"]] = r["largest_fall"]
-        si = next((n for n in falls if n.startswith("styleinject")), None)
-        tests = {}
-        for name, mine in falls.items():
-            seeds = sorted(set(mine) & set(falls.get(si, {})))
-            if name != si and len(seeds) >= 2:
-                tests[f"{name} - {si}"] = {**paired_bootstrap(np.array([mine[s] - falls[si][s] for s in seeds])),
-                                           "seeds": seeds}
-        for key, h in holm({k: t["p"] for k, t in tests.items()}).items():
-            tests[key].update(h)
-            tests[key]["verdict"] = ("supported" if tests[key]["mean"] > 0 else "contradicted") if h["reject"] \
-                else "not detectable"
-        report["drift_comparisons"] = tests
+        report.update(drift_report(json.loads(drift.read_text())["rows"], calibration_reps=calibration_reps))
     if out is not None:
         out.write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -596,7 +656,8 @@ def main(argv: list[str] | None = None) -> None:
                   lr=a.lr, batch_size=a.batch_size, n_eval=a.n_eval, root=root, only=a.only)
     elif a.what == "analyse":
         report = analyse(Path(a.paths[0]) if a.paths else root, Path(a.out) if a.out else None)
-        print(json.dumps({k: v for k, v in report.get("multistyle", {}).get("comparisons", {}).items()}, indent=1))
+        print(json.dumps({**report.get("multistyle", {}).get("comparisons", {}),
+                          **report.get("drift_comparisons", {})}, indent=1))
     else:
         if not a.paths:
             p.error("resolved needs experiment results.json files, e.g. docs/results/*.json")

@@ -108,3 +108,47 @@ def test_multistyle_comparisons_pair_units_and_give_verdicts():
     assert results["named | style | styleinject - lora r4"]["verdict"] == "supported"
     assert results["cue | style | styleinject - lora r4"]["verdict"] == "contradicted"
     assert results["named | all | styleinject - lora r4"]["verdict"] == "not detectable"
+
+
+def _drift_row(variant, seed, curve):
+    shares = {"sta": 0.01, "router": 0.05, "styled_layers": 0.2, "plain_layers": 0.9} if variant.startswith("styleinject") \
+        else {"sta": None, "router": None, "styled_layers": None, "plain_layers": 1.0}
+    return {"variant": variant, "seed": seed, "params": 100, "largest_fall": claims.largest_fall(curve[1:]),
+            "curve": [{"step": 300 * i, "all": v} for i, v in enumerate(curve)], "shares": {"shares": shares}}
+
+
+def test_drift_report_pairs_seeds_applies_holm_and_calibrates():
+    si, far, same = "styleinject r32 n16", "lora far", "lora same"
+    rows = []
+    for seed, noise in enumerate([0.00, 0.02, 0.01, 0.01, 0.03]):
+        base = [0.4, 0.5, 0.55 + noise, 0.55]
+        rows.append(_drift_row(si, seed, base))
+        rows.append(_drift_row(far, seed, [0.4, 0.5, 0.55 + noise, 0.25]))   # falls exactly 0.30 further
+        rows.append(_drift_row(same, seed, [0.4, 0.5, 0.55 + noise, 0.55 + (0.02 if seed % 2 else -0.02)]))
+    rep = claims.drift_report(rows, calibration_reps=60)
+    far_test, same_test = rep["drift_comparisons"][f"{far} - {si}"], rep["drift_comparisons"][f"{same} - {si}"]
+    assert far_test["seeds"] == [0, 1, 2, 3, 4] and far_test["mean"] == pytest.approx(0.30)
+    assert far_test["verdict"] == "supported" and far_test["p_t"] < 0.001
+    assert same_test["verdict"] == "not detectable" and same_test["p_t"] > 0.05
+    # Holm over the two LoRAs: the larger p is compared at alpha, the smaller at alpha / 2
+    assert same_test["p_holm"] >= same_test["p"] and far_test["p_holm"] == pytest.approx(min(1, 2 * far_test["p"]))
+    cal = rep["drift_calibration"][f"{same} - {si}"]
+    assert 0 <= cal["false_positive_rate"] <= 1
+    assert cal["curve"][0]["power"] < 0.8 <= cal["curve"][-1]["power"] and cal["threshold"] is not None
+    summary = rep["drift_summary"][si]
+    assert summary["steps"] == [0, 300, 600, 900] and summary["mean_curve"][1] == pytest.approx(0.5)
+    assert summary["shares"] == {"sta": 0.01, "router": 0.05, "styled_layers": 0.2, "plain_layers": 0.9}
+    assert set(rep["drift_summary"][far]["shares"]) == {"plain_layers"}
+
+
+def test_pending_runs_skip_and_collect_cached_rows(tmp_path):
+    cfg_a, cfg_b = claims.StyleInjectConfig(), claims.StyleInjectConfig.lora(rank=4)
+    variants = {"a": cfg_a, "b": cfg_b}
+    cached = tmp_path / "cache" / "b-1"
+    cached.mkdir(parents=True)
+    (cached / "row.json").write_text(json.dumps({"variant": "old name", "seed": 1, "x": 7}))
+    rows, log = [], []
+    todo = list(claims._pending_runs(variants, [0, 1], ["B"], tmp_path,
+                                     lambda cfg, seed: f"{'a' if cfg is cfg_a else 'b'}-{seed}", rows, log.append))
+    assert [(n, s, d.name) for n, _, s, d in todo] == [("b", 0, "b-0")]
+    assert rows == [{"variant": "b", "seed": 1, "x": 7}] and log == ["cached: b seed 1"]
