@@ -15,6 +15,11 @@ Key layouts (``<m>`` = a UNet module name, e.g. ``down_blocks.0.attentions.0.tra
                   (absent or 0: alpha = rank, as kohya's scripts assume). Underscores are ambiguous
                   (``down_blocks_0`` is ``down_blocks.0``), so names are matched against the base
                   model's real module names when one is given, else split by diffusers' UNet naming.
+                  kohya's SDXL files (and some SD 1.x ones) name modules in the original LDM layout
+                  (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``, ``output_blocks_2_0_in_layers_2``,
+                  ``middle_block_1_proj_in``): these are renamed to diffusers' layout first, which
+                  needs the UNet's layers per block (read from the base model; without one, 2, as in
+                  SD 1.x, 2.x and SDXL).
 """
 
 from __future__ import annotations
@@ -45,6 +50,14 @@ _COMPOUND_PARTS = ("conv_norm_out", "add_time_proj", "encoder_hid_proj", "down_b
                    "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "time_embedding", "time_proj",
                    "linear_1", "linear_2", "add_embedding", "class_embedding")
 _SHOWN = 20  # keys listed in one error message
+# the original (LDM) layout's names, flat: how diffusers' modules were called in SD's own code
+_LDM_BLOCK = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)(?:_(.+))?$")
+_LDM_MIDDLE = re.compile(r"^middle_block_(\d)_(.+)$")
+_LDM_TOP = {"time_embed_0": "time_embedding_linear_1", "time_embed_2": "time_embedding_linear_2",
+            "label_emb_0_0": "add_embedding_linear_1", "label_emb_0_2": "add_embedding_linear_2",
+            "out_2": "conv_out", "input_blocks_0_0": "conv_in"}
+_LDM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
+               "skip_connection": "conv_shortcut"}
 
 
 class LoraFormatError(ValueError):
@@ -200,14 +213,16 @@ def _resolve_names(file: Path, fmt: str, stems: list[str],
                    inventory: dict[str, tuple[int, ...]] | None) -> dict[str, str]:
     """File stem -> the UNet's module name; stems that match no module are an error listing them."""
     if fmt == "kohya":
+        per_block = _layers_per_block(inventory)
+        flat_stems = {stem: _from_ldm_layout(stem, per_block) or stem for stem in stems}
         if inventory is None:
-            return {stem: _split_kohya(stem) for stem in stems}
+            return {stem: _split_kohya(flat_stems[stem]) for stem in stems}
         flat: dict[str, list[str]] = {}
         for name in inventory:
             flat.setdefault(name.replace(".", "_"), []).append(name)
         names, unmatched = {}, []
         for stem in stems:
-            found = flat.get(stem, [])
+            found = flat.get(flat_stems[stem], [])
             if len(found) != 1:
                 unmatched.append(KOHYA_PREFIX + stem + ("" if not found else f" (ambiguous: {found})"))
             else:
@@ -220,9 +235,48 @@ def _resolve_names(file: Path, fmt: str, stems: list[str],
         raise LoraFormatError(
             f"{file}: {len(unmatched)} LoRA modules match no Linear/Conv2d layer of the base model's UNet: "
             f"{_listing(unmatched)}. Its layers are named like {examples}: the file was made for another "
-            "model (e.g. SDXL vs SD 1.5, or kohya's original-layout names input_blocks/middle_block/"
-            "output_blocks, which are not converted); import it against the base model it was trained on")
+            "model (e.g. SDXL vs SD 1.5); import it against the base model it was trained on")
     return names
+
+
+def _layers_per_block(inventory: dict[str, tuple[int, ...]] | None) -> int:
+    """Resnets per down block of the base UNet (what the original layout's block numbers count)."""
+    found = [int(m.group(1)) for name in inventory or {} if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", name))]
+    return max(found) + 1 if found else 2
+
+
+def _from_ldm_layout(stem: str, per_block: int) -> str | None:
+    """A flat original-layout module name in diffusers' flat layout (``input_blocks_4_1_proj_in`` ->
+    ``down_blocks_1_attentions_0_proj_in`` with 2 layers per block); None: not an original-layout name.
+
+    Block numbering (as SD's ``openaimodel.py`` builds the UNet): input block 0 is ``conv_in``, then
+    each down level holds ``per_block`` (resnet, attention) pairs and a downsampler (``op``); each up
+    level holds ``per_block + 1`` (resnet, attention) pairs, the last one ending with the upsampler
+    (``conv``); the middle block is resnet, attention, resnet."""
+    if stem in _LDM_TOP:
+        return _LDM_TOP[stem]
+    per = per_block + 1
+    if m := _LDM_MIDDLE.match(stem):
+        index, rest = int(m.group(1)), m.group(2)
+        if index == 1:
+            return f"mid_block_attentions_0_{rest}"
+        return f"mid_block_resnets_{index // 2}_{_LDM_RESNET[rest]}" if rest in _LDM_RESNET else None
+    if not (m := _LDM_BLOCK.match(stem)) or m.group(4) is None:
+        return None
+    where, index, part, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+    if where == "input_blocks":
+        level, layer = divmod(index - 1, per)
+        if layer == per_block:
+            return f"down_blocks_{level}_downsamplers_0_conv" if (part, rest) == (0, "op") else None
+        block = "down_blocks"
+    else:
+        level, layer = divmod(index, per)
+        if part > 0 and rest == "conv":
+            return f"up_blocks_{level}_upsamplers_0_conv" if layer == per_block else None
+        block = "up_blocks"
+    if part == 0:
+        return f"{block}_{level}_resnets_{layer}_{_LDM_RESNET[rest]}" if rest in _LDM_RESNET else None
+    return f"{block}_{level}_attentions_{layer}_{rest}" if part == 1 else None
 
 
 def _split_kohya(stem: str) -> str:

@@ -259,3 +259,75 @@ def test_imported_peft_lora_equals_peft_in_float64(tiny_pipeline_path, tmp_path,
         base = _unet(tiny_pipeline_path).double().eval()(**inputs).sample
     assert (want - base).abs().max() > 1e-3
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _ldm_layout_file(path, folder, out):
+    """The adapter as kohya writes SDXL LoRAs: flat original-layout (LDM) names. The names come from
+    ``testing._ldm_unet``, the writer of our single-file checkpoints that diffusers' own
+    ``from_single_file`` reads back (tests/test_single_file.py), not from the importer's mapping."""
+    from styleinject.testing import _ldm_unet
+
+    unet = _unet(path)
+    ldm = _ldm_unet({k: k for k in unet.state_dict()}, unet.config)
+    flat = {d.removesuffix(".weight").replace(".", "_"): o.removeprefix("model.diffusion_model.").removesuffix(".weight")
+            .replace(".", "_") for o, d in ldm.items() if d.endswith(".weight")}
+    tensors, metadata = read_tensors(export_lora(folder, out.with_suffix(".diffusers-names.safetensors"), format="kohya"))
+    renamed = {}
+    for key, tensor in tensors.items():
+        stem, _, part = key.removeprefix("lora_unet_").partition(".")
+        renamed[f"lora_unet_{flat[stem]}.{part}"] = tensor
+    write_tensors(out, renamed, metadata)
+    return out, {k.partition(".")[0] for k in renamed}
+
+
+LDM_LAYOUT_CFG = dict(rank=2, alpha=2, num_styles=1, dma=False, sta=False, style_modules=[],
+                      target_modules=["to_q", "to_v", "proj_in", "ff.net.2", "time_emb_proj"],
+                      conv_target_modules=["conv1", "conv2", "conv_shortcut", "conv"], conv_rank=2)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_kohya_original_layout_names_import_as_the_same_adapter(kind, tiny_pipeline_path, tiny_sdxl_path, tmp_path):
+    path = tiny_sdxl_path if kind == "sdxl" else tiny_pipeline_path  # 2 and 1 layers per block
+    folder = _random_adapter(path, tmp_path / "ours", StyleInjectConfig(**LDM_LAYOUT_CFG))
+    lora, stems = _ldm_layout_file(path, folder, tmp_path / "ldm.safetensors")
+    # every kind of block: resnet convs and embedding projection, skip convs, down/up samplers, attention
+    for part in ("input_blocks_1_0_in_layers_2", "_0_op", "_out_layers_3", "_emb_layers_1", "_skip_connection",
+                 "middle_block_1_transformer_blocks_0_attn1_to_q", "middle_block_2_in_layers_2", "_2_conv",
+                 "output_blocks_0_1_transformer_blocks_0_ff_net_2"):
+        assert any(part in s for s in stems), part
+    want = read_tensors(folder / "adapter_model.safetensors")[0]
+    got = import_lora(lora, tmp_path / "imported", base_model=path)
+    assert read_tensors(got / "adapter_model.safetensors")[0] == want
+    assert StyleInjectConfig.load(got).rank == 2
+    if kind == "sdxl":  # SDXL's own 2 layers per block: the base model is not needed to rename
+        blind = import_lora(lora, tmp_path / "blind")
+        assert read_tensors(blind / "adapter_model.safetensors")[0] == want
+
+
+def test_kohya_sdxl_original_layout_file_equals_diffusers_reading_it(tiny_sdxl_path, tmp_path):
+    """diffusers' load_lora_weights reads kohya's SDXL (original-layout) files itself: same UNet output."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from styleinject import load_adapter
+
+    folder = _random_adapter(tiny_sdxl_path, tmp_path / "ours", StyleInjectConfig(**LDM_LAYOUT_CFG))
+    lora, _ = _ldm_layout_file(tiny_sdxl_path, folder, tmp_path / "ldm.safetensors")
+    ref = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_path))
+    ref.load_lora_weights(str(lora))
+    ours = load_adapter(_unet(tiny_sdxl_path), import_lora(lora, tmp_path / "imported", base_model=tiny_sdxl_path))
+    torch.manual_seed(1)
+    args = (torch.randn(2, 4, 32, 32), torch.tensor([10, 500]), torch.randn(2, 7, 80))
+    cond = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}}
+    with torch.no_grad():
+        want, got, base = (m(*args, **cond).sample for m in (ref.unet, ours, _unet(tiny_sdxl_path)))
+    assert (got - base).abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_original_layout_name_that_is_no_lora_target_is_listed(tiny_pipeline_path, tmp_path):
+    tensors = {"lora_unet_input_blocks_1_0_in_layers_0.lora_down.weight": RawTensor.from_float(1.0).reshaped((1, 1)),
+               "lora_unet_input_blocks_1_0_in_layers_0.lora_up.weight": RawTensor.from_float(1.0).reshaped((1, 1))}
+    write_tensors(tmp_path / "norm.safetensors", tensors)
+    with pytest.raises(LoraFormatError, match="lora_unet_input_blocks_1_0_in_layers_0"):
+        import_lora(tmp_path / "norm.safetensors", tmp_path / "out", base_model=tiny_pipeline_path)
+    assert not (tmp_path / "out").exists()
