@@ -37,8 +37,10 @@ from api.checkpoints import select_metric
 from api.core.db.models import Adapter, Dataset, EvalScore, Job, Tenant
 from api.core.jobs import history
 from api.core.settings import Settings
+from api.core.webhooks import check_events
 from api.deps import KEY_COOKIE, SessionDep, SettingsDep
 from api.routes.common import adapter_base_model, job_out
+from api.routes.webhooks import deliveries
 from api.schemas import JobEventOut
 
 router = APIRouter(prefix="/dashboard", tags=["dashboard"])
@@ -48,6 +50,7 @@ templates.env.globals["adapter_base_model"] = adapter_base_model  # a registered
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DATASET_PREVIEW = 60  # items shown per dataset
 THUMB_PX = 128
+DELIVERIES_SHOWN = 50  # a job page's newest webhook deliveries (progress events can be many)
 
 
 class _LoginNeeded(Exception):
@@ -135,11 +138,14 @@ def read_job_page(job_id: str, request: Request, session: SessionDep, settings: 
                                           status_code=404)
     out = job_out(job)
     events = [JobEventOut.model_validate(e).model_dump(mode="json") for e in history(session, job.id)]
+    sent = [d.model_dump(mode="json") for d in deliveries(session, tenant.id, job_id=job.id, limit=DELIVERIES_SHOWN)] \
+        if job.webhook_url else []
     return _page(request, "job.html", {
-        "tenant": tenant, "job": out, "nav": "jobs",
+        "tenant": tenant, "job": out, "nav": "jobs", "deliveries_shown": DELIVERIES_SHOWN,
+        "webhook_events": check_events(job.webhook_events) if job.webhook_url else [],
         "queue_position": job_queue_position(session, job), "select_metric": select_metric(job),
         "events": [e for e in events if e["kind"] != "progress"],
-        "initial": _script_json({"job": out.model_dump(mode="json"), "events": events}),
+        "initial": _script_json({"job": out.model_dump(mode="json"), "events": events, "deliveries": sent}),
     })
 
 

@@ -60,8 +60,13 @@ def list_webhook_deliveries(
     job_id: Annotated[str | None, Query(max_length=32, description="only this job's")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[WebhookDeliveryOut]:
+    return deliveries(session, tenant.id, job_id=job_id, limit=limit)
+
+
+def deliveries(session, tenant_id: str, *, job_id: str | None = None, limit: int = 100) -> list[WebhookDeliveryOut]:
+    """The tenant's deliveries (of one job's events, with ``job_id``), newest first."""
     query = (select(WebhookDelivery).join(Job, Job.id == WebhookDelivery.job_id)
-             .where(Job.tenant_id == tenant.id))
+             .where(Job.tenant_id == tenant_id))
     if job_id is not None:
         query = query.where(WebhookDelivery.job_id == job_id)
     rows = session.scalars(query.order_by(WebhookDelivery.created_at.desc()).limit(limit))

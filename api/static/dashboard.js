@@ -234,11 +234,48 @@ const SI = (() => {
   }
 
   // -- job page ------------------------------------------------------------------------------------
+  // -- webhook deliveries: one row per event sent (retries update the row); refreshed while the job
+  // runs or any delivery is still being retried, and when the job's status changes.
+  const DELIVERY_CLASS = { pending: "queued", delivered: "succeeded", failed: "failed" };
+
+  function deliveryView(jobId, table, initial) {
+    if (!table) return { refresh() {}, setLive() {} };
+    const stamp = t => (t ? t.slice(0, 19).replace("T", " ") : "–");
+    const render = list => {
+      const rows = list.map(d => el("tr", { "data-delivery": d.id, "data-status": d.status },
+        el("td", {}, el("code", { text: d.event })),
+        el("td", {}, el("span", { class: `status ${DELIVERY_CLASS[d.status] || ""}`, text: d.status })),
+        el("td", { text: `${d.attempts}` }),
+        el("td", { class: d.error ? "error-cell" : "" },
+          d.response_code ? `HTTP ${d.response_code}` : "", d.response_code && d.error ? " · " : "",
+          d.error ? el("span", { class: "clip", title: d.error, text: d.error }) : "",
+          !d.response_code && !d.error ? "–" : ""),
+        el("td", {}, el("time", { text: stamp(d.created_at) })),
+        el("td", {}, el("time", { text: stamp(d.finished_at) }))));
+      const body = $("tbody", table);
+      if (rows.length) body.replaceChildren(...rows);
+      return list.some(d => d.status === "pending");
+    };
+    let pending = render(initial), timer = null, live = false;
+    const refresh = async () => {
+      try { pending = render(await api("GET", `/webhooks/deliveries?job_id=${jobId}&limit=${table.dataset.limit}`)); }
+      catch (err) { table.title = `could not refresh: ${err.message}`; }
+      schedule();
+    };
+    const schedule = () => {
+      clearTimeout(timer);
+      if (live || pending) timer = setTimeout(refresh, 3000);
+    };
+    return { refresh, setLive(value) { live = value; schedule(); } };
+  }
+
   function jobPage(jobId) {
     const initial = JSON.parse($("#initial").textContent);
     const loss = [], lr = [], terms = {};  // terms: a multi-term loss's parts (distill), by name
     const palette = ["#2a6fdb", "#c2671b", "#2f9e44", "#9c36b5", "#e03131", "#0b7285"];
     const ckpts = checkpointView(jobId, $("#checkpoints"), $(".charts"), initial.events);
+    const hooks = deliveryView(jobId, $("#deliveries"), initial.deliveries || []);
+    hooks.setLive(["queued", "running"].includes(initial.job.status));
     let lastStep = -1;
 
     const addPoint = p => {
@@ -301,6 +338,8 @@ const SI = (() => {
         status.textContent = job.status;
         status.className = `status ${job.status}`;
         draw();
+        hooks.setLive(["queued", "running"].includes(job.status));
+        hooks.refresh();  // a status change is an event a webhook may have been sent for
       }
       $("#attempts").replaceChildren(`${job.attempts}`, ...(job.worker_id ? [" · ", el("code", { class: "wrap", text: job.worker_id })] : []));
       if (job.adapter_id) {

@@ -114,6 +114,37 @@ def test_job_page_renders_params_history_and_escapes(logged_in, settings):
     assert logged_in.get("/static/dashboard.js").status_code == 200
 
 
+def test_job_page_lists_its_webhook_deliveries_only(logged_in, settings):
+    from api.core.db.models import WebhookDelivery
+
+    with session_scope(settings.database_url) as session:
+        tenant = get_or_create_tenant(session, "admin")
+        hooked = create_job(session, tenant_id=tenant.id, kind="finetune", params={},
+                            webhook_url="https://hooks.example.com/<b>x</b>", webhook_events=["completed", "start"]).id
+        other = create_job(session, tenant_id=tenant.id, kind="finetune", params={},
+                           webhook_url="https://hooks.example.com/y").id
+        plain = create_job(session, tenant_id=tenant.id, kind="finetune", params={}).id
+        session.flush()
+        for job_id, event, status in ((hooked, "start", "delivered"), (hooked, "completed", "pending"),
+                                      (other, "start", "failed")):
+            session.add(WebhookDelivery(job_id=job_id, event=event, url="https://hooks.example.com/x", payload={},
+                                        status=status, attempts=1, response_code=200 if status == "delivered" else None,
+                                        error=None if status == "delivered" else "connection refused"))
+
+    def page(job_id):
+        html = logged_in.get(f"/dashboard/jobs/{job_id}").text
+        initial = json.loads(re.search(r'<script type="application/json" id="initial">(.*?)</script>', html, re.S).group(1))
+        return html, initial["deliveries"]
+
+    html, sent = page(hooked)
+    assert 'id="deliveries"' in html and "start, completed to" in html  # events in their order
+    assert "https://hooks.example.com/&lt;b&gt;x&lt;/b&gt;" in html and "<b>x</b>" not in html
+    assert sorted((d["event"], d["status"]) for d in sent) == [("completed", "pending"), ("start", "delivered")]
+    assert "start, progress, checkpoint, completed to" in page(other)[0]  # no list given: every event
+    html, sent = page(plain)
+    assert 'id="deliveries"' not in html and sent == []
+
+
 def test_job_page_queue_position_and_ownership(logged_in, settings):
     with session_scope(settings.database_url) as session:
         tenant = get_or_create_tenant(session, "admin")

@@ -242,6 +242,62 @@ def test_job_page_updates_live_and_wraps_errors(desktop, phone, service):
     phone.shot("phone-overview")
 
 
+def test_job_page_shows_webhook_deliveries_and_their_retries_live(desktop, phone, service):
+    """Deliveries written here (as the sender would): the table shows them and follows a retry that
+    succeeds and the final event's failure without a reload."""
+    from api.auth import get_or_create_tenant
+    from api.core.db.models import WebhookDelivery
+    from api.core.db.session import session_scope
+    from api.core.jobs import create_job
+    from worker.lease import JobLease
+
+    settings = _settings(service)
+    url = "https://hooks.example.com/styleinject/" + "long-path-" * 12
+    with session_scope(settings.database_url) as session:
+        tenant = get_or_create_tenant(session, "admin")
+        job_id = create_job(session, tenant_id=tenant.id, kind="finetune", params={"steps": 40},
+                            webhook_url=url, webhook_events=["start", "checkpoint", "completed"]).id
+    lease = JobLease(settings, job_id, "browser-test-worker")
+    assert lease.claim().status == "claimed"
+
+    def deliver(event, **values):
+        with session_scope(settings.database_url) as session:
+            row = WebhookDelivery(job_id=job_id, event=event, url=url, payload={}, **values)
+            session.add(row)
+            session.flush()
+            return row.id
+
+    deliver("start", status="delivered", attempts=1, response_code=204)
+    retried = deliver("checkpoint", status="pending", attempts=2, response_code=503,
+                      error="HTTP 503 from the receiver; next attempt in 4 s")
+
+    desktop.login()
+    page = desktop.page
+    desktop.goto(f"/dashboard/jobs/{job_id}")
+    page.wait_for_selector("#deliveries tr[data-status=pending]")
+    assert "start, checkpoint, completed to" in page.inner_text("h2:has(+ .table-wrap #deliveries)")
+    assert page.inner_text(f"#deliveries tr[data-delivery='{retried}'] td:nth-child(4)").startswith("HTTP 503")
+    page.evaluate("window.__notReloaded = true")
+
+    with session_scope(settings.database_url) as session:  # the retry gets through
+        row = session.get(WebhookDelivery, retried)
+        row.status, row.attempts, row.response_code, row.error = "delivered", 3, 200, None
+    page.wait_for_selector(f"#deliveries tr[data-delivery='{retried}'][data-status=delivered]", timeout=15000)
+    assert lease.finish("failed", error="RuntimeError: out of memory")
+    deliver("completed", status="failed", attempts=5, error="connection refused after 5 attempts")
+    page.wait_for_selector("#deliveries tr[data-status=failed]", timeout=15000)  # the status change refreshes
+    assert page.evaluate("window.__notReloaded") is True
+    assert page.locator("#deliveries tbody tr").count() == 3
+    desktop.no_horizontal_scroll()
+    desktop.shot("job-webhooks")
+
+    phone.login()
+    phone.goto(f"/dashboard/jobs/{job_id}")
+    phone.page.wait_for_selector("#deliveries tr[data-status=failed]")
+    phone.no_horizontal_scroll()
+    phone.shot("phone-job-webhooks")
+
+
 def test_datasets_page_upload_with_progress_and_thumbnails(desktop, phone, service, tmp_path):
     desktop.login()
     page = desktop.page
