@@ -87,6 +87,14 @@ class ArtifactStore(abc.ABC):
     def locate(self, path: str | Path) -> tuple[str, str] | None:
         """The (kind, id) whose artifact ``path`` is or lies in; None if it is not in this store."""
 
+    @abc.abstractmethod
+    def ids(self, kind: str) -> list[str]:
+        """The ids of ``kind`` held, sorted: stored, or (an object store) only in this machine's cache."""
+
+    @abc.abstractmethod
+    def modified(self, kind: str, id_: str) -> float | None:
+        """When the artifact last changed (its newest file or object, epoch seconds); None: absent."""
+
     def localise(self, path: str | Path) -> str:
         """``path`` (a stored path, possibly written on another machine) as a local path here,
         fetching its artifact if the store is remote; paths outside the store come back unchanged.
@@ -95,6 +103,23 @@ class ArtifactStore(abc.ABC):
         if ref is not None:
             self.get_dir(*ref)
         return str(path)
+
+
+def _folders(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")} if root.is_dir() else set()
+
+
+def _newest_mtime(folder: Path) -> float | None:
+    try:
+        newest = folder.stat().st_mtime
+    except OSError:
+        return None
+    for path in folder.rglob("*"):
+        try:
+            newest = max(newest, path.lstat().st_mtime)
+        except OSError:  # removed meanwhile
+            pass
+    return newest
 
 
 def _check(kind: str, id_: str, name: str | None = None) -> None:
@@ -154,6 +179,13 @@ class LocalArtifactStore(ArtifactStore):
 
     def delete(self, kind: str, id_: str) -> None:
         shutil.rmtree(self.path_for(kind, id_), ignore_errors=True)
+
+    def ids(self, kind: str) -> list[str]:
+        _check(kind, "x")
+        return sorted(_folders(self.root / kind))
+
+    def modified(self, kind: str, id_: str) -> float | None:
+        return _newest_mtime(self.path_for(kind, id_))
 
     def locate(self, path: str | Path) -> tuple[str, str] | None:
         try:
@@ -407,6 +439,23 @@ class S3ArtifactStore(ArtifactStore):
         with self._locked(kind, id_):
             self._delete_keys([self._key(kind, id_, rel) for rel in self._objects(kind, id_)])
             shutil.rmtree(self.path_for(kind, id_), ignore_errors=True)
+
+    def ids(self, kind: str) -> list[str]:
+        """One delimited LIST of ``<prefix>/<kind>/`` (a name per artifact, not per object) plus the
+        cache's folders: an artifact another machine wrote but never published is only there."""
+        _check(kind, "x")
+        base = "/".join(p for p in (self.prefix, kind) if p) + "/"
+        found = _folders(self.root / kind)
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base,
+                                                                          Delimiter="/"):
+            found.update(item["Prefix"][len(base):].rstrip("/") for item in page.get("CommonPrefixes", ()))
+        return sorted(found)
+
+    def modified(self, kind: str, id_: str) -> float | None:
+        times = [item["LastModified"].timestamp() for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._key(kind, id_) + "/") for item in page.get("Contents", ())]
+        local = _newest_mtime(self.path_for(kind, id_))
+        return max(times + ([local] if local is not None else []), default=None)
 
 
 def make_store(settings: Settings) -> ArtifactStore:

@@ -17,42 +17,27 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from sqlalchemy import select
 
 from api.core.db.models import Adapter, Dataset, Job
 from api.core.db.session import session_scope
 from api.core.settings import Settings
-from api.core.storage import ADAPTERS, DATASETS, JOBS, UPLOADS, ArtifactStore, make_store
+from api.core.storage import ADAPTERS, DATASETS, JOBS, UPLOADS, make_store
 
 log = logging.getLogger(__name__)
 
 TRAINING_KINDS = ("finetune", "distill", "dreambooth")
 
 
-def _newest_mtime(folder: Path) -> float:
-    newest = folder.stat().st_mtime
-    for path in folder.rglob("*"):
-        try:
-            newest = max(newest, path.lstat().st_mtime)
-        except OSError:  # removed meanwhile
-            pass
-    return newest
-
-
-def _local_ids(store: ArtifactStore, kind: str) -> list[str]:
-    """Ids with a folder on this machine (the store itself, or an object store's local copies)."""
-    root = store.path_for(kind, "x").parent
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
-
-
 def sweep_orphans(settings: Settings, older_than_s: float) -> list[str]:
     """Delete the orphans described above whose newest file is older than ``older_than_s``;
     returns ``kind/id`` of each one removed. The rows are read first, so a large store costs one
-    listing per kind and a walk of the orphans only."""
+    listing per kind and a walk of the orphans only. With an object store, artifacts in the bucket
+    count as well as this machine's cached copies (a worker host that died mid-way leaves its
+    orphans in the bucket only), and their age is that of their newest object."""
     store = make_store(settings)
-    ids = {kind: _local_ids(store, kind) for kind in (UPLOADS, DATASETS, ADAPTERS, JOBS)}
+    ids = {kind: store.ids(kind) for kind in (UPLOADS, DATASETS, ADAPTERS, JOBS)}
     if not any(ids.values()):
         return []
     with session_scope(settings.database_url) as session:
@@ -70,11 +55,9 @@ def sweep_orphans(settings: Settings, older_than_s: float) -> list[str]:
             orphans.append((JOBS, job_id))
     now, removed = time.time(), []
     for kind, id_ in orphans:
-        try:
-            if now - _newest_mtime(store.path_for(kind, id_)) < older_than_s:
-                continue  # may still be in progress in another process
-        except OSError:  # removed meanwhile
-            continue
+        changed = store.modified(kind, id_)
+        if changed is None or now - changed < older_than_s:
+            continue  # removed meanwhile, or may still be in progress in another process
         store.delete(kind, id_)
         log.warning("removed %s/%s: left without its row by a process that stopped mid-way", kind, id_)
         removed.append(f"{kind}/{id_}")

@@ -41,6 +41,7 @@ def make_folder(path: Path) -> Path:
 def test_store_interface_s3_and_local(store, tmp_path):
     """The whole ArtifactStore contract, the same for both implementations."""
     assert not store.exists(JOBS, "j1") and store.files(JOBS, "j1") == [] and store.size(JOBS, "j1") == 0
+    assert store.ids(JOBS) == [] and store.modified(JOBS, "j1") is None
     with pytest.raises(FileNotFoundError):
         store.get_dir(JOBS, "j1")
     out = make_folder(store.path_for(JOBS, "j1"))
@@ -49,6 +50,8 @@ def test_store_interface_s3_and_local(store, tmp_path):
     assert not store.exists(JOBS, "j1", "nope.txt")
     assert store.files(JOBS, "j1") == ["adapter_config.json", "adapter_model.safetensors"]  # top level only
     assert store.size(JOBS, "j1") == 111
+    assert store.ids(JOBS) == ["j1"] and store.ids(DATASETS) == []
+    assert abs(store.modified(JOBS, "j1") - time.time()) < 60
     with store.open_read(JOBS, "j1", "adapter_config.json") as handle:
         assert handle.read() == b'{"rank": 4}'
     with pytest.raises(FileNotFoundError):
@@ -75,6 +78,7 @@ def test_store_interface_s3_and_local(store, tmp_path):
     store.delete(JOBS, "j1")
     store.delete(JOBS, "never-there")
     assert not store.exists(JOBS, "j1") and store.files(JOBS, "j1") == []
+    assert store.ids(JOBS) == [] and store.modified(JOBS, "j1") is None and store.ids(DATASETS) == ["d1"]
     assert store.exists(DATASETS, "d1")
     for bad in ((JOBS, "../x"), ("nope", "x"), (JOBS, "")):
         with pytest.raises(ValueError):
@@ -165,3 +169,34 @@ def test_make_store_picks_s3_from_the_artifact_root(s3_server, bucket, tmp_path,
     assert isinstance(make_store(Settings(home=tmp_path)), LocalArtifactStore)
     with pytest.raises(ValueError):
         S3ArtifactStore("s3://", tmp_path)
+
+
+def test_sweep_removes_orphans_that_only_the_bucket_holds(s3_server, bucket, tmp_path, monkeypatch):
+    """A worker host that died between publishing a job's folder and its row leaves the orphan in
+    the bucket only: the API host's sweep (its cache has no copy) finds and removes it."""
+    from api.auth import get_or_create_tenant
+    from api.core.db.migrate import upgrade
+    from api.core.db.models import Dataset
+    from api.core.db.session import session_scope
+    from api.core.sweep import sweep_orphans
+
+    for name in list(__import__("os").environ):
+        if name.startswith("STYLEINJECT_"):
+            monkeypatch.delenv(name)
+    settings = Settings(home=tmp_path / "api-home", artifact_root=f"s3://{bucket}/deploy/a", s3_endpoint_url=s3_server,
+                        s3_region="us-east-1")
+    settings.home.mkdir(parents=True)
+    upgrade(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        tenant = get_or_create_tenant(session, "t")
+        session.add(Dataset(id="kept", tenant_id=tenant.id, name="d.zip", status="ready", path="x"))
+    worker = s3_store(s3_server, bucket, tmp_path / "worker-home" / "cache")
+    for kind, id_ in ((DATASETS, "kept"), (DATASETS, "orphan"), (JOBS, "no-row")):
+        worker.put_dir(kind, id_, make_folder(tmp_path / "src" / kind / id_))
+    api = make_store(settings)
+    assert api.ids(DATASETS) == ["kept", "orphan"] and not api.path_for(DATASETS, "orphan").exists()
+
+    assert sweep_orphans(settings, older_than_s=3600) == []  # just written: may be in progress
+    assert sorted(sweep_orphans(settings, older_than_s=0)) == ["datasets/orphan", "jobs/no-row"]
+    assert api.ids(DATASETS) == ["kept"] and api.ids(JOBS) == []
+    assert worker.exists(DATASETS, "kept")
