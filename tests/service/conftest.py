@@ -30,6 +30,55 @@ TINY_GENERATE = {"prompt": "a red square", "seed": 3, "steps": 2, "width": 64, "
                  "guidance_scale": 7.5}
 
 
+# -- settings of in-process tests -----------------------------------------------------------------
+
+def sqlite_settings(monkeypatch, home: Path, **values):
+    """Settings on a fresh, migrated SQLite ``home``; the shell's STYLEINJECT_* variables are cleared
+    so that they cannot change what a test sees."""
+    from api.core.db.migrate import upgrade
+    from api.core.settings import Settings
+
+    _clear_env(monkeypatch)
+    settings = Settings(home=home, **values)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    return settings
+
+
+def env_settings(monkeypatch, home: Path, **env: str):
+    """The same through the environment (``STYLEINJECT_<NAME>``, read by ``get_settings``), as a
+    worker process started from this one reads them. The caller clears ``get_settings``' cache after."""
+    from api.core.db.migrate import upgrade
+    from api.core.settings import get_settings
+
+    _clear_env(monkeypatch)
+    monkeypatch.setenv("STYLEINJECT_HOME", str(home))
+    for key, value in env.items():
+        monkeypatch.setenv(f"STYLEINJECT_{key.upper()}", value)
+    get_settings.cache_clear()
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    return settings
+
+
+def _clear_env(monkeypatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("STYLEINJECT_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def client(settings):
+    """The API in-process (TestClient) on the module's ``settings``."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
 # -- external services ----------------------------------------------------------------------------
 
 def _pg_user() -> str | None:

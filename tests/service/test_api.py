@@ -13,31 +13,17 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.auth import create_api_key, revoke_api_key
-from api.core.db.migrate import upgrade
 from api.core.db.models import Dataset, GenerationRequest, Job, utcnow
 from api.core.db.session import session_scope
 from api.main import create_app
-from api.core.settings import Settings
 from api.core.storage import DATASETS, UPLOADS
-from tests.service.conftest import REPO, TINY_GENERATE
+from tests.service.conftest import REPO, TINY_GENERATE, sqlite_settings
 
 
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
-    for name in list(__import__("os").environ):
-        if name.startswith("STYLEINJECT_"):
-            monkeypatch.delenv(name)
-    settings = Settings(home=tmp_path / "home", bootstrap_key="boot-key-for-tests", max_upload_bytes=64 * 1024,
-                        generate_timeout_s=0.5, base_model="/models/x")
-    settings.home.mkdir(parents=True)
-    upgrade(settings.database_url)
-    return settings
-
-
-@pytest.fixture
-def client(settings):
-    with TestClient(create_app(settings)) as client:
-        yield client
+    return sqlite_settings(monkeypatch, tmp_path / "home", bootstrap_key="boot-key-for-tests",
+                           max_upload_bytes=64 * 1024, generate_timeout_s=0.5, base_model="/models/x")
 
 
 def auth(key: str = "boot-key-for-tests") -> dict[str, str]:

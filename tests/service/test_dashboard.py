@@ -8,36 +8,21 @@ import json
 import re
 
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.auth import create_api_key, get_or_create_tenant
-from api.core.db.migrate import upgrade
 from api.core.db.models import Dataset
 from api.core.db.session import session_scope
 from api.core.jobs import create_job
-from api.core.settings import Settings
-from api.main import create_app
 from api.routes.dashboard import dataset_items
+from tests.service.conftest import sqlite_settings
 
 KEY = "boot-key-for-dashboard-tests"
 
 
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
-    for name in list(__import__("os").environ):
-        if name.startswith("STYLEINJECT_"):
-            monkeypatch.delenv(name)
-    settings = Settings(home=tmp_path / "home", bootstrap_key=KEY, base_model="/models/x")
-    settings.home.mkdir(parents=True)
-    upgrade(settings.database_url)
-    return settings
-
-
-@pytest.fixture
-def client(settings):
-    with TestClient(create_app(settings)) as client:
-        yield client
+    return sqlite_settings(monkeypatch, tmp_path / "home", bootstrap_key=KEY, base_model="/models/x")
 
 
 @pytest.fixture

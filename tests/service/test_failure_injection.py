@@ -27,7 +27,7 @@ from api.core.db.models import Checkpoint, Dataset, Job
 from api.core.db.session import session_scope
 from api.core.settings import get_settings
 from api.core.storage import JOBS
-from tests.service.conftest import REPO, TINY_TRAIN, dataset_zip, free_port, service_env
+from tests.service.conftest import REPO, TINY_TRAIN, dataset_zip, env_settings, free_port, service_env
 
 MiB = 1 << 20
 
@@ -59,17 +59,7 @@ def _fill(disk: Path) -> None:
 
 
 def _settings(tmp_path, monkeypatch, **env: str):
-    for name in list(os.environ):
-        if name.startswith("STYLEINJECT_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("STYLEINJECT_HOME", str(tmp_path / "home"))
-    for key, value in env.items():
-        monkeypatch.setenv(f"STYLEINJECT_{key.upper()}", value)
-    get_settings.cache_clear()
-    settings = get_settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
-    upgrade(settings.database_url)
-    return settings
+    return env_settings(monkeypatch, tmp_path / "home", **env)
 
 
 def _train_job(settings, tiny_model, tmp_path, **train) -> None:

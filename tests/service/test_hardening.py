@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from api.core.db.migrate import upgrade
 from api.core.settings import Settings
 from api.core.storage import DATASETS, UPLOADS
 from api.main import create_app
 from styleinject.train import data
+from tests.service.conftest import sqlite_settings
 
 KEY = "boot-key-for-hardening"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -24,20 +24,8 @@ MiB = 1 << 20
 
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
-    for name in list(__import__("os").environ):
-        if name.startswith("STYLEINJECT_"):
-            monkeypatch.delenv(name)
-    settings = Settings(home=tmp_path / "home", bootstrap_key=KEY, max_upload_bytes=4 * MiB,
-                        generate_timeout_s=0.2, base_model="/models/x")
-    settings.home.mkdir(parents=True)
-    upgrade(settings.database_url)
-    return settings
-
-
-@pytest.fixture
-def client(settings):
-    with TestClient(create_app(settings)) as client:
-        yield client
+    return sqlite_settings(monkeypatch, tmp_path / "home", bootstrap_key=KEY, max_upload_bytes=4 * MiB,
+                           generate_timeout_s=0.2, base_model="/models/x")
 
 
 def _zip_bomb() -> bytes:

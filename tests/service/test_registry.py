@@ -4,36 +4,21 @@ that reveals nothing, before anything is queued; only the admin registers (route
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.auth import create_api_key
-from api.core.db.migrate import upgrade
 from api.core.db.models import Job
 from api.core.db.session import session_scope
 from api.core.registry import add_model
-from api.core.settings import Settings
-from api.main import create_app
-from tests.service.conftest import dataset_zip, run_cli, service_env
+from tests.service.conftest import dataset_zip, run_cli, service_env, sqlite_settings
 
 ADMIN = {"Authorization": "Bearer admin-key-for-registry"}
 
 
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
-    for name in list(__import__("os").environ):
-        if name.startswith("STYLEINJECT_"):
-            monkeypatch.delenv(name)
-    settings = Settings(home=tmp_path / "home", bootstrap_key="admin-key-for-registry", base_model="/models/x")
-    settings.home.mkdir(parents=True)
-    upgrade(settings.database_url)
-    return settings
-
-
-@pytest.fixture
-def client(settings):
-    with TestClient(create_app(settings)) as client:
-        yield client
+    return sqlite_settings(monkeypatch, tmp_path / "home", bootstrap_key="admin-key-for-registry",
+                           base_model="/models/x")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 
 from api.core.settings import Settings
 from api.core.storage import DATASETS, GENERATIONS, JOBS, LocalArtifactStore, S3ArtifactStore, make_store
-from tests.service.conftest import make_bucket
+from tests.service.conftest import make_bucket, sqlite_settings
 
 @pytest.fixture
 def bucket(s3_server) -> str:
@@ -175,18 +175,12 @@ def test_sweep_removes_orphans_that_only_the_bucket_holds(s3_server, bucket, tmp
     """A worker host that died between publishing a job's folder and its row leaves the orphan in
     the bucket only: the API host's sweep (its cache has no copy) finds and removes it."""
     from api.auth import get_or_create_tenant
-    from api.core.db.migrate import upgrade
     from api.core.db.models import Dataset
     from api.core.db.session import session_scope
     from api.core.sweep import sweep_orphans
 
-    for name in list(__import__("os").environ):
-        if name.startswith("STYLEINJECT_"):
-            monkeypatch.delenv(name)
-    settings = Settings(home=tmp_path / "api-home", artifact_root=f"s3://{bucket}/deploy/a", s3_endpoint_url=s3_server,
-                        s3_region="us-east-1")
-    settings.home.mkdir(parents=True)
-    upgrade(settings.database_url)
+    settings = sqlite_settings(monkeypatch, tmp_path / "api-home", artifact_root=f"s3://{bucket}/deploy/a",
+                               s3_endpoint_url=s3_server, s3_region="us-east-1")
     with session_scope(settings.database_url) as session:
         tenant = get_or_create_tenant(session, "t")
         session.add(Dataset(id="kept", tenant_id=tenant.id, name="d.zip", status="ready", path="x"))

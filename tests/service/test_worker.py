@@ -12,30 +12,17 @@ import pytest
 from sqlalchemy import update
 
 from api.auth import get_or_create_tenant
-from api.core.db.migrate import upgrade
 from api.core.db.models import Adapter, Dataset, Job, utcnow
 from api.core.db.session import session_scope
 from api.core.settings import Settings, get_settings
 from api.core.storage import GENERATIONS, JOBS, make_store
-from tests.service.conftest import TINY_TRAIN, dataset_zip
+from tests.service.conftest import TINY_TRAIN, dataset_zip, env_settings
 from worker.lease import JobLease
 
 
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("STYLEINJECT_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("STYLEINJECT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("STYLEINJECT_LEASE_TTL_S", "30")
-    monkeypatch.setenv("STYLEINJECT_PROGRESS_INTERVAL_S", "60")
-    get_settings.cache_clear()
-    settings = get_settings()
-    settings.home.mkdir(parents=True)
-    upgrade(settings.database_url)
-    yield settings
+    yield env_settings(monkeypatch, tmp_path / "home", lease_ttl_s="30", progress_interval_s="60")
     get_settings.cache_clear()
 
 

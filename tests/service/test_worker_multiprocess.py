@@ -11,29 +11,16 @@ import pytest
 from sqlalchemy import update
 
 from api.auth import get_or_create_tenant
-from api.core.db.migrate import upgrade
 from api.core.db.models import Adapter, Dataset, Job
 from api.core.db.session import session_scope
 from api.core.settings import get_settings
-from tests.service.conftest import TINY_TRAIN, dataset_zip
+from tests.service.conftest import TINY_TRAIN, dataset_zip, env_settings
 
 
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("STYLEINJECT_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("STYLEINJECT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("STYLEINJECT_TRAIN_PROCESSES", "2")
-    monkeypatch.setenv("STYLEINJECT_PROGRESS_INTERVAL_S", "0")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    get_settings.cache_clear()
-    settings = get_settings()
-    settings.home.mkdir(parents=True)
-    upgrade(settings.database_url)
-    yield settings
+    yield env_settings(monkeypatch, tmp_path / "home", train_processes="2", progress_interval_s="0")
     get_settings.cache_clear()
 
 
