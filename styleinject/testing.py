@@ -80,6 +80,32 @@ def tiny_components(cross_attention_dim: int = 32, seed: int = 0) -> dict:
             "tokenizer": tokenizer, "safety_checker": None, "feature_extractor": None}
 
 
+def tiny_sd2_components(seed: int = 0) -> dict:
+    """SD 2.x's differences from SD 1.x on the tiny model: v-prediction (``prediction_type`` of
+    stable-diffusion-2-1), linear transformer projections and per-level head sizes in the UNet, and
+    an OpenCLIP-style text encoder (``gelu``; saved in a single file as OpenCLIP's resblocks)."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    parts = tiny_components(seed=seed)
+    tokenizer = parts["tokenizer"]
+    torch.manual_seed(seed)
+    parts["unet"] = UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=32, norm_num_groups=2)
+    parts["scheduler"] = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, prediction_type="v_prediction")
+    torch.manual_seed(seed)
+    parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=77,
+        hidden_act="gelu"))
+    return parts
+
+
 def tiny_sdxl_components(seed: int = 0) -> dict:
     """Seeded random SDXL components shaped like diffusers' SDXL ``get_dummy_components``: two text
     encoders of different widths like SDXL's (32 and 48, concatenated to the UNet's 80-wide
@@ -130,19 +156,21 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
 
 def tiny_pipeline(path: str | Path, seed: int = 0, kind: str = "sd") -> Path:
     """Write a tiny random pipeline to ``path`` (diffusers format) and return it: ``kind="sd"`` a
-    ``StableDiffusionPipeline``, ``kind="sdxl"`` a ``StableDiffusionXLPipeline``.
+    ``StableDiffusionPipeline`` like SD 1.x, ``kind="sd2"`` one like SD 2.x (v-prediction, see
+    ``tiny_sd2_components``), ``kind="sdxl"`` a ``StableDiffusionXLPipeline``.
 
     Deterministic for a given ``seed``; one 2-step 64x64 generation takes well under a second on CPU.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = Path(path)
-    if kind == "sd":
-        pipe = StableDiffusionPipeline(**tiny_components(seed=seed), requires_safety_checker=False)
+    if kind in ("sd", "sd2"):
+        parts = tiny_components(seed=seed) if kind == "sd" else tiny_sd2_components(seed=seed)
+        pipe = StableDiffusionPipeline(**parts, requires_safety_checker=False)
     elif kind == "sdxl":
         pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed=seed), add_watermarker=False)
     else:
-        raise ValueError(f"kind must be 'sd' or 'sdxl', not {kind!r}")
+        raise ValueError(f"kind must be 'sd', 'sd2' or 'sdxl', not {kind!r}")
     pipe.save_pretrained(str(path), safe_serialization=True)
     return path
 
@@ -231,12 +259,15 @@ def _ldm_clip(state: dict, prefix: str) -> dict:
 
 
 def _open_clip(state: dict, prefix: str) -> dict:
-    """CLIPTextModelWithProjection as OpenCLIP's ViT-bigG (SDXL's second encoder): fused qkv,
-    resblocks, a transposed text projection."""
+    """A CLIP text model as OpenCLIP's (SDXL's second encoder, SD 2.x's only one): fused qkv,
+    resblocks, a transposed text projection. SD 2.x's diffusers encoder has no projection, but
+    OpenCLIP's file does and diffusers reads its width from it: an identity stands in."""
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    out = {prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+    position = state.pop("embeddings.position_embedding.weight")
+    projection = state.pop("text_projection.weight", None)
+    out = {prefix + "positional_embedding": position,
            prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
-           prefix + "text_projection": state.pop("text_projection.weight").T.contiguous()}
+           prefix + "text_projection": torch.eye(position.shape[1]) if projection is None else projection.T.contiguous()}
     for p in ("weight", "bias"):
         out[prefix + f"ln_final.{p}"] = state.pop(f"final_layer_norm.{p}")
     layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
@@ -254,8 +285,9 @@ def _open_clip(state: dict, prefix: str) -> dict:
 
 
 def write_single_file(pipeline_dir: str | Path, out_file: str | Path) -> Path:
-    """Save a diffusers SD 1.x or SDXL pipeline folder as one ``.safetensors`` checkpoint in the
-    original key layout (what community checkpoints look like), for tests of single-file loading."""
+    """Save a diffusers SD 1.x/2.x or SDXL pipeline folder as one ``.safetensors`` checkpoint in the
+    original key layout (what community checkpoints look like), for tests of single-file loading.
+    SD 2.x is told from SD 1.x by its text encoder's activation (OpenCLIP's ``gelu``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -270,6 +302,9 @@ def write_single_file(pipeline_dir: str | Path, out_file: str | Path) -> Path:
         state.update(_ldm_clip(encoder, "conditioner.embedders.0.transformer."))
         encoder_2 = CLIPTextModelWithProjection.from_pretrained(str(pipeline_dir), subfolder="text_encoder_2")
         state.update(_open_clip(encoder_2.state_dict(), "conditioner.embedders.1.model."))
+    elif class_name == "StableDiffusionPipeline" and json.loads(
+            (pipeline_dir / "text_encoder" / "config.json").read_text()).get("hidden_act") == "gelu":
+        state.update(_open_clip(encoder, "cond_stage_model.model."))
     elif class_name == "StableDiffusionPipeline":
         state.update(_ldm_clip(encoder, "cond_stage_model.transformer."))
     else:

@@ -10,6 +10,14 @@ def tiny_pipeline_path(tmp_path_factory):
     return tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd2_path(tmp_path_factory):
+    """A tiny random SD 2.x-like pipeline (v-prediction, OpenCLIP-style text encoder)."""
+    from styleinject.testing import tiny_pipeline
+
+    return tiny_pipeline(tmp_path_factory.mktemp("tiny-sd2") / "pipe", kind="sd2")
+
+
 @pytest.fixture
 def tiny_unet():
     from styleinject.testing import tiny_components

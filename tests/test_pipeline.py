@@ -52,6 +52,22 @@ def test_no_adapter_equals_diffusers_euler_ancestral(pipe, tiny_pipeline_path):
     assert not np.array_equal(_px(other_seed), _px(want))
 
 
+def test_v_prediction_model_equals_diffusers(tiny_sd2_path):
+    """SD 2.x's v-prediction through our sampler (the serving engine's own Euler Ancestral step)."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    pipe = load_pipeline(tiny_sd2_path, device="cpu")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    ref = StableDiffusionPipeline.from_pretrained(str(tiny_sd2_path), safety_checker=None)
+    ref.scheduler = EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    want = ref("a red square", negative_prompt="blurry", num_inference_steps=3, width=64, height=64,
+               guidance_scale=7.5, num_images_per_prompt=2, generator=torch.Generator().manual_seed(42)).images
+    got = generate(pipe, "a red square", negative_prompt="blurry", seed=42, steps=3, width=64, height=64,
+                   num_images=2)
+    assert np.array_equal(_px(got), _px(want))
+
+
 def test_adapter_changes_image_and_disable_restores_it(pipe, tiny_pipeline_path, tmp_path):
     base = _px(generate(pipe, "a cat", **KW))
     folder = _adapter(tiny_pipeline_path, tmp_path, "ad", seed=0)

@@ -1,4 +1,4 @@
-"""Single-file checkpoints: a tiny SD 1.x and SDXL written in the original (LDM / SGM) key layout
+"""Single-file checkpoints: a tiny SD 1.x, SD 2.x and SDXL written in the original (LDM / SGM) key layout
 load through diffusers' from_single_file into the same weights and images as their diffusers folders."""
 
 import shutil
@@ -19,11 +19,11 @@ def _px(images):
     return np.stack([np.asarray(im, dtype=np.int16) for im in images])
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
-def test_single_file_equals_the_diffusers_folder(kind, tiny_pipeline_path, tiny_sdxl_path, tmp_path):
+@pytest.mark.parametrize("kind", ["sd", "sd2", "sdxl"])
+def test_single_file_equals_the_diffusers_folder(kind, tiny_pipeline_path, tiny_sd2_path, tiny_sdxl_path, tmp_path):
     from safetensors import safe_open
 
-    folder = tiny_pipeline_path if kind == "sd" else tiny_sdxl_path
+    folder = {"sd": tiny_pipeline_path, "sd2": tiny_sd2_path, "sdxl": tiny_sdxl_path}[kind]
     file = write_single_file(folder, tmp_path / "model.safetensors")
     with safe_open(str(file), framework="pt") as handle:
         keys = set(handle.keys())
@@ -32,9 +32,11 @@ def test_single_file_equals_the_diffusers_folder(kind, tiny_pipeline_path, tiny_
     assert not any(k.startswith(("unet.", "down_blocks.")) for k in keys)
     if kind == "sdxl":
         assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    if kind == "sd2":  # OpenCLIP's layout, as in stable-diffusion-2-1's own file
+        assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys
     ref = load_pipeline(folder, device="cpu")
     got = load_pipeline(file, device="cpu", config=folder)
-    assert type(got) is type(ref) and family_of(got) is (SD if kind == "sd" else SDXL)
+    assert type(got) is type(ref) and family_of(got) is (SDXL if kind == "sdxl" else SD)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if getattr(ref, name, None) is None:
             continue
