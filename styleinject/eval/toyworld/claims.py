@@ -570,8 +570,18 @@ def calibrate_drift(diffs: dict[str, np.ndarray], effects=tuple(np.round(np.aran
     return out
 
 
-def drift_report(rows: list[dict], calibration_reps: int = 200) -> dict:
-    """Per run: curve, largest fall, shares; per variant: the mean curve and fall; the paired
+def flat_curve_fall(accuracy: float, n_prompts: int, n_checkpoints: int, reps: int = 20_000, seed: int = 0) -> float:
+    """The mean largest fall of a curve that does not move: each checkpoint's accuracy drawn
+    independently, binomial(n_prompts, accuracy) / n_prompts. What sampling alone puts into the
+    endpoint (an upper bound: the same prompts and seeds at every checkpoint correlate the draws)."""
+    rng = np.random.default_rng(seed)
+    draws = rng.binomial(n_prompts, accuracy, size=(reps, n_checkpoints)) / n_prompts
+    return float((np.maximum.accumulate(draws, axis=1) - draws).max(axis=1).mean())
+
+
+def drift_report(rows: list[dict], calibration_reps: int = 200, n_prompts: int | None = None) -> dict:
+    """Per run: curve, largest fall, shares; per variant: the mean curve and fall (and, with
+    ``n_prompts``, the fall sampling alone gives a flat curve at its mean accuracy); the paired
     tests with Holm and their calibration."""
     tests, diffs = drift_comparisons(rows)
     summary = {}
@@ -582,6 +592,8 @@ def drift_report(rows: list[dict], calibration_reps: int = 200) -> dict:
         summary[name] = {"params": mine[0]["params"], "seeds": [r["seed"] for r in mine], "steps": steps,
                          "mean_curve": mean_curve, "largest_fall": float(np.mean([r["largest_fall"] for r in mine])),
                          "final": mean_curve[-1], "peak": max(mean_curve[1:]),
+                         "flat_curve_fall": flat_curve_fall(float(np.mean(mean_curve[1:])), n_prompts, len(steps) - 1)
+                         if n_prompts else None,
                          "shares": {p: float(np.mean([r["shares"]["shares"][p] for r in mine]))
                                     for p, v in mine[0]["shares"]["shares"].items() if v is not None}}
     return {"drift": {r["variant"] + f" | seed {r['seed']}": {"largest_fall": r["largest_fall"], "curve": r["curve"],
@@ -621,7 +633,8 @@ def analyse(root: Path, out: Path | None = None, calibration_reps: int = 200) ->
         report["multistyle"]["summary"] = summary
     drift = root / "drift" / "rows.json"
     if drift.exists():
-        report.update(drift_report(json.loads(drift.read_text())["rows"], calibration_reps=calibration_reps))
+        found = json.loads(drift.read_text())
+        report.update(drift_report(found["rows"], calibration_reps=calibration_reps, n_prompts=found["n_eval_prompts"]))
     if out is not None:
         out.write_text(json.dumps(report, indent=2) + "\n")
     return report

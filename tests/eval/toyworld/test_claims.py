@@ -152,3 +152,10 @@ def test_pending_runs_skip_and_collect_cached_rows(tmp_path):
                                      lambda cfg, seed: f"{'a' if cfg is cfg_a else 'b'}-{seed}", rows, log.append))
     assert [(n, s, d.name) for n, _, s, d in todo] == [("b", 0, "b-0")]
     assert rows == [{"variant": "b", "seed": 1, "x": 7}] and log == ["cached: b seed 1"]
+
+
+def test_flat_curve_fall_is_what_sampling_alone_gives():
+    assert claims.flat_curve_fall(0.5, 100, 1) == 0.0  # one checkpoint cannot fall
+    assert claims.flat_curve_fall(1.0, 100, 8) == 0.0  # no sampling noise
+    few, many = claims.flat_curve_fall(0.4, 100, 8, reps=4000), claims.flat_curve_fall(0.4, 10_000, 8, reps=4000)
+    assert 0.08 < few < 0.16 and many < few / 5  # ~2.5 binomial sd at 100 prompts; shrinks as 1/sqrt(n)
