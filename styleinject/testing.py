@@ -85,24 +85,17 @@ def tiny_sd2_components(seed: int = 0) -> dict:
     stable-diffusion-2-1), linear transformer projections and per-level head sizes in the UNet, and
     an OpenCLIP-style text encoder (``gelu``; saved in a single file as OpenCLIP's resblocks)."""
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     parts = tiny_components(seed=seed)
-    tokenizer = parts["tokenizer"]
     torch.manual_seed(seed)
-    parts["unet"] = UNet2DConditionModel(
-        block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=32, norm_num_groups=2)
-    parts["scheduler"] = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1, prediction_type="v_prediction")
+    parts["unet"] = UNet2DConditionModel.from_config(parts["unet"].config, attention_head_dim=(2, 4),
+                                                     use_linear_projection=True)
+    parts["scheduler"] = EulerDiscreteScheduler.from_config(parts["scheduler"].config, prediction_type="v_prediction")
     torch.manual_seed(seed)
-    parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
-        num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=77,
-        hidden_act="gelu"))
+    config = parts["text_encoder"].config
+    config.hidden_act = "gelu"
+    parts["text_encoder"] = CLIPTextModel(config)
     return parts
 
 

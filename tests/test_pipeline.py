@@ -35,16 +35,22 @@ def _adapter(path, tmp_path, name, seed):
     return save_adapter(unet, tmp_path / name)
 
 
-def test_no_adapter_equals_diffusers_euler_ancestral(pipe, tiny_pipeline_path):
+def _ours_and_diffusers(pipe, path, seed=42):
+    """The same 2-image, 3-step request through our generate and through diffusers' own pipeline."""
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
-    ref = StableDiffusionPipeline.from_pretrained(str(tiny_pipeline_path), safety_checker=None)
+    ref = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None)
     ref.scheduler = EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
     want = ref("a red square", negative_prompt="blurry", num_inference_steps=3, width=64, height=64,
-               guidance_scale=7.5, num_images_per_prompt=2, generator=torch.Generator().manual_seed(42)).images
-    got = generate(pipe, "a red square", negative_prompt="blurry", seed=42, steps=3, width=64, height=64,
+               guidance_scale=7.5, num_images_per_prompt=2, generator=torch.Generator().manual_seed(seed)).images
+    got = generate(pipe, "a red square", negative_prompt="blurry", seed=seed, steps=3, width=64, height=64,
                    num_images=2)
+    return got, want
+
+
+def test_no_adapter_equals_diffusers_euler_ancestral(pipe, tiny_pipeline_path):
+    got, want = _ours_and_diffusers(pipe, tiny_pipeline_path)
     assert len(got) == 2 and got[0].size == (64, 64)
     assert np.array_equal(_px(got), _px(want))
     other_seed = generate(pipe, "a red square", negative_prompt="blurry", seed=43, steps=3, width=64,
@@ -54,17 +60,9 @@ def test_no_adapter_equals_diffusers_euler_ancestral(pipe, tiny_pipeline_path):
 
 def test_v_prediction_model_equals_diffusers(tiny_sd2_path):
     """SD 2.x's v-prediction through our sampler (the serving engine's own Euler Ancestral step)."""
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
-
     pipe = load_pipeline(tiny_sd2_path, device="cpu")
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    ref = StableDiffusionPipeline.from_pretrained(str(tiny_sd2_path), safety_checker=None)
-    ref.scheduler = EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
-    want = ref("a red square", negative_prompt="blurry", num_inference_steps=3, width=64, height=64,
-               guidance_scale=7.5, num_images_per_prompt=2, generator=torch.Generator().manual_seed(42)).images
-    got = generate(pipe, "a red square", negative_prompt="blurry", seed=42, steps=3, width=64, height=64,
-                   num_images=2)
+    got, want = _ours_and_diffusers(pipe, tiny_sd2_path)
     assert np.array_equal(_px(got), _px(want))
 
 
